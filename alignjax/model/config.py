@@ -47,7 +47,6 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
     attention_impl: str = "xla"  # xla | splash (TPU only)
-    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -1,0 +1,256 @@
+"""A Flax (Linen) Llama that computes what Hugging Face's LlamaForCausalLM computes.
+
+Layers are scanned over a stacked `layers` axis so compile time does not grow with depth. Every
+parameter carries logical axis names; `alignjax.sharding` maps them onto the mesh.
+
+Batches carry explicit `positions` (RoPE; left padding does not shift them) and `segment_ids`
+(0 = padding; tokens attend only within their own segment, so packed documents stay separate).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from alignjax.model.config import LlamaConfig
+
+HEADS = ("lm", "scalar")
+_NEG_INF = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
+
+
+def _dtype(name):
+    return jnp.dtype(name)
+
+
+def _param(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x, names):
+    """Activation sharding hint; a no-op unless a mesh and logical rules are in context."""
+    return nn.with_logical_constraint(x, names)
+
+
+# ---- RoPE ------------------------------------------------------------------------------------
+
+def rope_inv_freq(config: LlamaConfig) -> jnp.ndarray:
+    """Inverse frequencies [head_dim/2], with HF's `linear` and `llama3` scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling_dict
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: LlamaConfig, positions_bt: jnp.ndarray):
+    """cos, sin [B, T, head_dim] in float32 (HF's rotate-half layout)."""
+    freqs_btf = positions_bt.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    emb = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    cos, sin = cos_btd[:, :, None, :], sin_btd[:, :, None, :]
+    return (x_bthd * cos + rotated * sin).astype(x_bthd.dtype)
+
+
+# ---- attention masks and the KV cache -------------------------------------------------------
+
+def attention_mask(q_segment_bt, kv_segment_bs, q_index_t, kv_index_s):
+    """[B, T, S] bool: causal by slot index, same segment, key not padding."""
+    causal = kv_index_s[None, None, :] <= q_index_t[None, :, None]
+    same = q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]
+    return causal & same & (kv_segment_bs[:, None, :] != 0)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache: k/v [layers, B, S, kv_heads, head_dim], segment ids [B, S], index."""
+    dtype = dtype or _dtype(config.dtype)
+    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+CACHE_AXES = dict(k=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+                  v=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+                  segment_ids=("batch", "cache_length"), index=())
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", _param(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def _dense(features, in_axes_names, out_names, bias, cfg: LlamaConfig, name, axis=-1):
+    init = nn.initializers.normal(cfg.initializer_range)
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=bias, name=name,
+        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+        kernel_init=_param(init, in_axes_names + out_names),
+        bias_init=_param(nn.initializers.zeros, out_names))
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index):
+        c = self.config
+        h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q_bthd = _dense((h, d), ("embed",), ("heads", "head_dim"), c.attention_bias, c, "q")(x_bte)
+        k_btkd = _dense((k, d), ("embed",), ("kv_heads", "head_dim"), c.attention_bias, c, "k")(x_bte)
+        v_btkd = _dense((k, d), ("embed",), ("kv_heads", "head_dim"), c.attention_bias, c, "v")(x_bte)
+        q_bthd = constrain(apply_rope(q_bthd, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k_btkd = apply_rope(k_btkd, cos, sin)
+
+        new_kv = None
+        if cache_kv is not None:  # write this chunk at [index, index + T) and attend to the cache
+            ck, cv = cache_kv
+            k_btkd = jax.lax.dynamic_update_slice(ck, k_btkd.astype(ck.dtype), (0, cache_index, 0, 0))
+            v_btkd = jax.lax.dynamic_update_slice(cv, v_btkd.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_kv = (k_btkd, v_btkd)
+
+        b, t = q_bthd.shape[:2]
+        q_btkgd = q_bthd.reshape(b, t, k, h // k, d)  # grouped-query: G query heads per kv head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd.astype(q_btkgd.dtype))
+        scores = scores.astype(jnp.float32) / math.sqrt(d)
+        scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(_dtype(c.dtype))
+        out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd.astype(probs.dtype))
+        out_bthd = out_btkgd.reshape(b, t, h, d)
+        out = _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o",
+                     axis=(-2, -1))(out_bthd)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bte):
+        c = self.config
+        gate = _dense(c.intermediate_size, ("embed",), ("mlp",), c.mlp_bias, c, "gate")(x_bte)
+        up = _dense(c.intermediate_size, ("embed",), ("mlp",), c.mlp_bias, c, "up")(x_bte)
+        hidden = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(c.hidden_size, ("mlp",), ("embed",), c.mlp_bias, c, "down")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_bte, cache_kv, cos, sin, mask_bts, cache_index):
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
+        attn_out, new_kv = Attention(c, name="attn")(
+            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index)
+        x_bte = x_bte + attn_out
+        x_bte = x_bte + MLP(c, name="mlp")(norm(name="mlp_norm")(x_bte))
+        return constrain(x_bte, ("batch", "length", None)), new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nn.Module):
+    """Llama backbone with an LM head (`head="lm"`) or a scalar head (`head="scalar"`).
+
+    Call: `(tokens, positions, segment_ids, cache=None, output=...) -> (out, new_cache)` where
+    `output` is "logits" ([B,T,V]; for the scalar head: scores [B,T] float32) or "hidden"
+    ([B,T,E] after the final norm, for the chunked log-prob kernel).
+    """
+
+    config: LlamaConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: Optional[dict] = None,
+                 output: str = "logits"):
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=_dtype(c.dtype),
+                         param_dtype=_dtype(c.param_dtype), name="embed",
+                         embedding_init=_param(nn.initializers.normal(c.initializer_range),
+                                               ("vocab", "embed")))
+        x_bte = constrain(embed(tokens_bt), ("batch", "length", None))
+        cos, sin = rope_tables(c, positions_bt)
+
+        t = tokens_bt.shape[1]
+        if cache is None:
+            index = jnp.zeros((), jnp.int32)
+            mask = attention_mask(segment_ids_bt, segment_ids_bt, jnp.arange(t), jnp.arange(t))
+            cache_kv = None
+        else:
+            index = cache["index"]
+            kv_segments = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_bt.astype(jnp.int32), (0, index))
+            mask = attention_mask(segment_ids_bt, kv_segments, index + jnp.arange(t),
+                                  jnp.arange(kv_segments.shape[1]))
+            cache_kv = (cache["k"], cache["v"])
+
+        layer = DecoderLayer
+        if c.remat_policy != "none":
+            layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x_bte, new_kv = stack(c, name="layers")(x_bte, cache_kv, cos, sin, mask, index)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(k=new_kv[0], v=new_kv[1], segment_ids=kv_segments, index=index + t)
+
+        x_bte = RMSNorm(c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), name="final_norm")(x_bte)
+        if output == "hidden":
+            return x_bte, new_cache
+        if self.head == "scalar":
+            score = nn.Dense(1, use_bias=False, name="score", dtype=_dtype(c.dtype),
+                             param_dtype=_dtype(c.param_dtype),
+                             kernel_init=_param(nn.initializers.normal(1.0 / math.sqrt(c.hidden_size + 1)),
+                                                ("embed", "score")))
+            return score(x_bte)[..., 0].astype(jnp.float32), new_cache
+        if c.tie_word_embeddings:
+            return embed.attend(x_bte), new_cache
+        lm_head = _dense(c.vocab_size, ("embed",), ("vocab",), False, c, "lm_head")
+        return lm_head(x_bte), new_cache
+
+
+def head_kernel(params: dict, config: LlamaConfig):
+    """The [E, V] output projection (the embedding transposed when tied)."""
+    p = params["params"] if "params" in params else params
+    if config.tie_word_embeddings:
+        return p["embed"]["embedding"].T
+    return p["lm_head"]["kernel"]

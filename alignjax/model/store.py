@@ -1,0 +1,190 @@
+"""alignjax model directories, and loading a model from any path a user may hand us.
+
+An alignjax model directory holds:
+    alignjax_model.json   {"format": 1, "head": "lm"|"scalar", "model": <LlamaConfig json>, ...}
+    params/               orbax checkpoint of the params tree, restored straight into shardings
+    tokenizer/            the tokenizer files found with the source model (if any)
+    generation_config.json  (if the source had one)
+A Hugging Face directory (config.json + safetensors) is read directly through the key table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from alignjax import sharding as shd
+from alignjax.convert.hf import ARCHITECTURES, load_hf_params
+from alignjax.model.config import ConfigError, LlamaConfig
+from alignjax.model.llama import Llama
+from alignjax.model.params import abstract_params, build_module
+
+MODEL_FILE = "alignjax_model.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: LlamaConfig
+    head: str
+    module: Llama
+    params: Any
+    mesh: Mesh
+    rules: tuple
+    tokenizer_dir: Optional[str]
+    extra: dict  # e.g. generation_config, reward statistics
+
+    def eos_ids(self, tokenizer=None) -> tuple:
+        ids = list(self.config.eos_token_ids)
+        gen = self.extra.get("generation_config") or {}
+        g = gen.get("eos_token_id")
+        ids += g if isinstance(g, list) else ([g] if g is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def path_kind(path: str) -> str:
+    if os.path.exists(os.path.join(path, MODEL_FILE)):
+        return "alignjax"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    raise ConfigError(f"{path}: neither an alignjax model directory ({MODEL_FILE}) nor a Hugging "
+                      "Face directory (config.json); convert it or point at the right folder")
+
+
+def _hf_head(path: str) -> str:
+    with open(os.path.join(path, "config.json")) as f:
+        archs = json.load(f).get("architectures") or ["LlamaForCausalLM"]
+    return "scalar" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
+
+
+def _read_json(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
+               head: Optional[str] = None, **runtime) -> LoadedModel:
+    """Loads an HF directory or an alignjax model directory onto `mesh` (default: data-parallel).
+
+    `runtime` overrides LlamaConfig runtime fields (dtype, param_dtype, remat_policy, ...).
+    """
+    mesh = mesh or shd.make_mesh()
+    kind = path_kind(path)
+    if kind == "hf":
+        config = LlamaConfig.from_hf_dir(path, **runtime)
+        head = head or _hf_head(path)
+        module = build_module(config, head)
+        abstract, shardings = abstract_params(module, mesh, rules)
+        params = load_hf_params(path, config, abstract, shardings, head)
+        tok_dir = path if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES) else None
+        extra = {"generation_config": _read_json(os.path.join(path, "generation_config.json"))}
+        return LoadedModel(config, head, module, params, mesh, rules, tok_dir, extra)
+
+    meta = _read_json(os.path.join(path, MODEL_FILE))
+    config = LlamaConfig.from_json_dict(meta["model"], **runtime)
+    stored_head = meta.get("head", "lm")
+    if head is not None and head != stored_head:
+        raise ConfigError(f"{path} holds a model with head={stored_head!r}, but head={head!r} was asked for")
+    module = build_module(config, stored_head)
+    abstract, _ = abstract_params(module, mesh, rules)
+    params = restore_params(os.path.join(path, "params"), abstract)
+    tok_dir = os.path.join(path, "tokenizer")
+    extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format")}
+    extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json"))
+    return LoadedModel(config, stored_head, module, params, mesh, rules,
+                       tok_dir if os.path.isdir(tok_dir) else None, extra)
+
+
+def restore_params(params_dir: str, abstract):
+    """Restores an orbax params checkpoint directly into the shardings carried by `abstract`."""
+    params_dir = os.path.abspath(params_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(params_dir, abstract)
+
+
+def save_model_dir(out_dir: str, params, config: LlamaConfig, head: str = "lm",
+                   tokenizer_dir: Optional[str] = None, generation_config: Optional[dict] = None,
+                   extra: Optional[dict] = None):
+    """Writes an alignjax model directory (all processes call this; orbax coordinates them)."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    params_dir = os.path.join(out_dir, "params")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, params, force=True)
+        ckptr.wait_until_finished()
+    if jax.process_index() != 0:
+        return
+    meta = {"format": 1, "head": head, "model": config.to_json_dict(), **(extra or {})}
+    with open(os.path.join(out_dir, MODEL_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, os.path.join(out_dir, "tokenizer"))
+    if generation_config:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(generation_config, f, indent=2)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list:
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def export_hf(model: LoadedModel, out_dir: str, dtype: str = "float32",
+              max_shard_bytes: int = 2 * 1024**3) -> list:
+    """Writes an HF directory transformers loads: sharded safetensors, index, config, tokenizer."""
+    import numpy as np
+    from alignjax.convert.hf import save_hf_weights
+    np_dtype = {"float32": np.float32, "float16": np.float16,
+                "bfloat16": np.dtype(__import__("ml_dtypes").bfloat16)}.get(dtype)
+    if np_dtype is None:
+        raise ConfigError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    files = save_hf_weights(model.params, model.config, out_dir, model.head, np_dtype, max_shard_bytes)
+    if jax.process_index() != 0:
+        return []
+    hf = model.config.to_hf_dict(ARCHITECTURES[model.head])
+    hf["torch_dtype"] = dtype
+    if model.head == "scalar":
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                  problem_type="regression")
+        if hf.get("pad_token_id") is None and model.tokenizer_dir:
+            hf["pad_token_id"] = _tokenizer_pad_id(model.tokenizer_dir)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    gen = model.extra.get("generation_config")
+    if gen is None and model.head == "lm":
+        gen = {"bos_token_id": model.config.bos_token_id, "eos_token_id": hf["eos_token_id"],
+               "pad_token_id": model.config.pad_token_id}
+    if gen:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+    if model.tokenizer_dir:
+        files += copy_tokenizer_files(model.tokenizer_dir, out_dir)
+    return files
+
+
+def _tokenizer_pad_id(tokenizer_dir: str):
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(tokenizer_dir).pad_token_id
+    except Exception:  # the pad id is a convenience for sequence classification, not required
+        return None
