@@ -1,0 +1,327 @@
+"""Pairwise preference losses (ALGORITHMS.md sections 3 and 4).
+
+Every loss is a pure function `fn(x: PairLogps, hp: PrefHParams) -> loss_b` of per-sequence
+log-prob sums and lengths, registered in `PAIR_LOSSES`; adding a loss is one function plus one
+registry line. `preference_loss` combines one or several of them with weights and returns the
+metrics under the names TRL users read.
+
+Notation (ALGORITHMS.md): u_w = logp_pi(y_w) - logp_ref(y_w), u_l likewise, h = u_w - u_l,
+a = avg logp = logp / |y|, log sigma(z) = jax.nn.log_sigmoid(z) = -softplus(-z).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+log_sigmoid = jax.nn.log_sigmoid
+
+
+class PairLogps(NamedTuple):
+    """Per-pair inputs, all [B] float32. A NamedTuple is a pytree: it passes through jit/scan."""
+
+    chosen: jax.Array  # sum of policy log-probs over completion tokens of y_w
+    rejected: jax.Array
+    chosen_len: jax.Array  # number of completion tokens (float)
+    rejected_len: jax.Array
+    ref_chosen: jax.Array | None = None  # reference sums; None for reference-free losses
+    ref_rejected: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefHParams:
+    """Hyper-parameters of the preference family (frozen, hashable: usable as a jit static)."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # eps of cdpo / robust / aot; also applied by dpo as TRL does
+    exo_eps: float = 1e-3  # eps of exo_pair (must be > 0)
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5  # SimPO margin (the SimPO paper pairs it with beta ~ 2)
+    orpo_lambda: float = 0.1
+    slic_delta: float = 1.0
+    slic_lambda: float = 0.1  # spec: "tunable", no published default; 0.1 is our choice
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 < self.exo_eps < 1.0:
+            raise ValueError(f"exo_eps must be in (0, 1), got {self.exo_eps}")
+        if self.discopop_tau <= 0:
+            raise ValueError(f"discopop_tau must be > 0, got {self.discopop_tau}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _ratios(x: PairLogps) -> tuple[jax.Array, jax.Array]:
+    """(u_w, u_l); the reference-based losses cannot run without reference log-probs."""
+    if x.ref_chosen is None or x.ref_rejected is None:
+        raise ValueError("this loss is reference-based: PairLogps.ref_chosen/ref_rejected are None")
+    return x.chosen - x.ref_chosen, x.rejected - x.ref_rejected
+
+
+def _avg(logp_b: jax.Array, len_b: jax.Array) -> jax.Array:
+    # max(len, 1): an empty completion gives avg 0 instead of NaN.
+    return logp_b / jnp.maximum(len_b, 1.0)
+
+
+def _smoothed_sigmoid(z_b: jax.Array, eps: float) -> jax.Array:
+    """-(1-eps) log sigma(z) - eps log sigma(-z): BCE against the soft label 1-eps (cDPO)."""
+    return -(1.0 - eps) * log_sigmoid(z_b) - eps * log_sigmoid(-z_b)
+
+
+def log1mexp(a: jax.Array) -> jax.Array:
+    """log(1 - e^a) for a < 0, accurate at both ends (Maechler 2012).
+
+    Near 0 use log(-expm1(a)), far from 0 use log1p(-exp(a)); a is clamped to <= -1e-6 because
+    a float32 avg log-prob of a very confident model is exactly 0, where the value is -inf.
+    """
+    a = jnp.minimum(a, -1e-6)
+    return jnp.where(a > -math.log(2.0), jnp.log(-jnp.expm1(a)), jnp.log1p(-jnp.exp(a)))
+
+
+# ------------------------------------------------------------ reference-based (section 3)
+
+
+def dpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-log sigma(beta h); with label_smoothing eps > 0 it is cdpo (as TRL's `sigmoid`):
+    -(1-eps) log sigma(beta h) - eps log sigma(-beta h). Registered as dpo, sigmoid and cdpo.
+    """
+    u_w, u_l = _ratios(x)
+    return _smoothed_sigmoid(hp.beta * (u_w - u_l), hp.label_smoothing)
+
+
+def robust(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """[-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps) (unbiased under noise)."""
+    u_w, u_l = _ratios(x)
+    z, eps = hp.beta * (u_w - u_l), hp.label_smoothing
+    return (-(1.0 - eps) * log_sigmoid(z) + eps * log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+def ipo(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """(h_avg - 1/(2 beta))^2, h_avg = u_w/|y_w| - u_l/|y_l| (token-averaged log-ratios)."""
+    u_w, u_l = _ratios(x)
+    h_avg = _avg(u_w, x.chosen_len) - _avg(u_l, x.rejected_len)
+    return (h_avg - 1.0 / (2.0 * hp.beta)) ** 2
+
+
+def hinge(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """max(0, 1 - beta h) (SLiC / RSO hinge-norm)."""
+    u_w, u_l = _ratios(x)
+    return jax.nn.relu(1.0 - hp.beta * (u_w - u_l))
+
+
+def sigmoid_norm(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-log sigma(beta (u_w/|y_w| - u_l/|y_l|)) (RSO sigmoid-norm, length-normalised)."""
+    u_w, u_l = _ratios(x)
+    return -log_sigmoid(hp.beta * (_avg(u_w, x.chosen_len) - _avg(u_l, x.rejected_len)))
+
+
+def exo_pair(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """sigma(z)[log sigma(z) - log(1-eps)] + sigma(-z)[log sigma(-z) - log eps], z = beta h.
+
+    The reverse KL from the model's pair distribution to the eps-smoothed label; eps = exo_eps.
+    """
+    u_w, u_l = _ratios(x)
+    z, eps = hp.beta * (u_w - u_l), hp.exo_eps
+    return jax.nn.sigmoid(z) * (log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        log_sigmoid(-z) - math.log(eps)
+    )
+
+
+def nca_pair(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-log sigma(beta u_w) - 0.5 log sigma(-beta u_w) - 0.5 log sigma(-beta u_l)."""
+    u_w, u_l = _ratios(x)
+    r_w, r_l = hp.beta * u_w, hp.beta * u_l
+    return -log_sigmoid(r_w) - 0.5 * log_sigmoid(-r_w) - 0.5 * log_sigmoid(-r_l)
+
+
+def bco_pair(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-log sigma(beta u_w) - log sigma(-beta u_l)."""
+    u_w, u_l = _ratios(x)
+    return -log_sigmoid(hp.beta * u_w) - log_sigmoid(-hp.beta * u_l)
+
+
+def sppo_hard(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """(u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2."""
+    u_w, u_l = _ratios(x)
+    half = 1.0 / (2.0 * hp.beta)
+    return (u_w - half) ** 2 + (u_l + half) ** 2
+
+
+def aot(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """d = sort(logp_w - logp_l) - sort(ref_w - ref_l) over the batch; smoothed -log sigma(beta d).
+
+    Sorting couples the pairs of a batch: entry k of the result belongs to the k-th smallest
+    ratios, not to pair k, so sample weights act per rank. Padding pairs must therefore not be in
+    the batch (drop the remainder) when aot / aot_unpaired is used.
+    """
+    _ratios(x)  # only to raise the reference-required error early
+    d = jnp.sort(x.chosen - x.rejected) - jnp.sort(x.ref_chosen - x.ref_rejected)
+    return _smoothed_sigmoid(hp.beta * d, hp.label_smoothing)
+
+
+def aot_unpaired(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """d = sort(u_w) - sort(u_l) over the batch; same form as `aot` (same caveat on padding)."""
+    u_w, u_l = _ratios(x)
+    return _smoothed_sigmoid(hp.beta * (jnp.sort(u_w) - jnp.sort(u_l)), hp.label_smoothing)
+
+
+def apo_zero(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """(1 - sigma(beta u_w)) + sigma(beta u_l): push chosen up, rejected down."""
+    u_w, u_l = _ratios(x)
+    return (1.0 - jax.nn.sigmoid(hp.beta * u_w)) + jax.nn.sigmoid(hp.beta * u_l)
+
+
+def apo_down(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """sigma(beta u_w) + (1 - sigma(beta h)): both down, rejected more."""
+    u_w, u_l = _ratios(x)
+    return jax.nn.sigmoid(hp.beta * u_w) + (1.0 - jax.nn.sigmoid(hp.beta * (u_w - u_l)))
+
+
+def discopop(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """z = beta h, m = sigma(z/tau): (1-m)(-log sigma(z)) + m exp(-z).
+
+    m exp(-z) is evaluated as exp(log sigma(z/tau) - z): for very negative z, exp(-z) alone
+    overflows and 0 * inf would give NaN in the value and the gradient.
+    """
+    u_w, u_l = _ratios(x)
+    z, tau = hp.beta * (u_w - u_l), hp.discopop_tau
+    m = jax.nn.sigmoid(z / tau)
+    return (1.0 - m) * (-log_sigmoid(z)) + jnp.exp(log_sigmoid(z / tau) - z)
+
+
+def sft(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """Token-mean NLL of y_w, -logp(y_w)/|y_w| (the RPO term; combine with weight 1.0)."""
+    del hp
+    return -_avg(x.chosen, x.chosen_len)
+
+
+# --------------------------------------------------------------- reference-free (section 4)
+
+
+def simpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-log sigma(beta (a_w - a_l) - gamma), a = avg logp, gamma = simpo_gamma."""
+    a_w, a_l = _avg(x.chosen, x.chosen_len), _avg(x.rejected, x.rejected_len)
+    return -log_sigmoid(hp.beta * (a_w - a_l) - hp.simpo_gamma)
+
+
+def orpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """-a_w - lambda log sigma(log_odds), log_odds = (a_w - a_l) - (log(1-e^a_w) - log(1-e^a_l)).
+
+    -a_w is the token-mean NLL of y_w; log(1-e^a) via `log1mexp`.
+    """
+    a_w, a_l = _avg(x.chosen, x.chosen_len), _avg(x.rejected, x.rejected_len)
+    log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
+    return -a_w - hp.orpo_lambda * log_sigmoid(log_odds)
+
+
+def slic(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """max(0, delta - logp(y_w) + logp(y_l)) - lambda logp(y_ref), sums; y_ref = y_w here.
+
+    With pairs the best candidate is y_w, so the regulariser is lambda * NLL(y_w) (summed).
+    """
+    return jax.nn.relu(hp.slic_delta - x.chosen + x.rejected) - hp.slic_lambda * x.chosen
+
+
+LossFn = Callable[[PairLogps, PrefHParams], jax.Array]
+
+PAIR_LOSSES: dict[str, LossFn] = {
+    "dpo": dpo,
+    "sigmoid": dpo,
+    "cdpo": dpo,
+    "robust": robust,
+    "ipo": ipo,
+    "hinge": hinge,
+    "sigmoid_norm": sigmoid_norm,
+    "exo_pair": exo_pair,
+    "nca_pair": nca_pair,
+    "bco_pair": bco_pair,
+    "sppo_hard": sppo_hard,
+    "aot": aot,
+    "aot_unpaired": aot_unpaired,
+    "apo_zero": apo_zero,
+    "apo_down": apo_down,
+    "discopop": discopop,
+    "sft": sft,
+    "simpo": simpo,
+    "orpo": orpo,
+    "slic": slic,
+}
+
+# Losses that never read the reference; when a combination uses only these, the logged
+# "rewards" are beta * avg logp (SimPO's implicit reward) instead of beta * u.
+REFERENCE_FREE = frozenset({"sft", "simpo", "orpo", "slic"})
+
+LossSpec = Union[str, Sequence[tuple[str, float]]]
+
+
+def _parse(loss_type: LossSpec) -> list[tuple[str, float]]:
+    if isinstance(loss_type, str):
+        return _parse([(loss_type, 1.0)])
+    terms = [(name, float(weight)) for name, weight in loss_type]
+    if not terms:
+        raise ValueError("loss_type is an empty list")
+    for name, _ in terms:
+        if name not in PAIR_LOSSES:
+            valid = ", ".join(sorted(PAIR_LOSSES))
+            raise ValueError(f"unknown preference loss {name!r}; valid: {valid}")
+    return terms
+
+
+def _wmean(x_b: jax.Array, w_b: jax.Array) -> jax.Array:
+    return jnp.sum(x_b * w_b) / jnp.maximum(jnp.sum(w_b), 1e-12)
+
+
+def preference_loss(
+    x: PairLogps,
+    loss_type: LossSpec,
+    hp: PrefHParams = PrefHParams(),
+    sample_weight: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted mean over pairs of sum_k weight_k * loss_k; `loss_type` = name or [(name, weight)].
+
+    `sample_weight` [B] (0 for padding pairs) makes every mean a weighted mean.
+    Metrics: loss, loss/<name> per term (when combined), rewards/chosen = mean beta r_w,
+    rewards/rejected, rewards/accuracies = mean[r_w > r_l], rewards/margins = mean beta(r_w - r_l),
+    logps/chosen, logps/rejected (sums), where r = u for reference-based combinations and
+    r = avg logp when every term is reference-free (as SimPO/CPO/ORPO log them).
+    """
+    terms = _parse(loss_type)
+    x = PairLogps(*(None if v is None else jnp.asarray(v, jnp.float32) for v in x))
+    w_b = jnp.ones_like(x.chosen)
+    if sample_weight is not None:
+        w_b = jnp.asarray(sample_weight, jnp.float32)
+
+    metrics: dict[str, jax.Array] = {}
+    loss = jnp.zeros((), jnp.float32)
+    for name, weight in terms:
+        term = _wmean(PAIR_LOSSES[name](x, hp), w_b)
+        if len(terms) > 1:
+            metrics[f"loss/{name}"] = term
+        loss = loss + weight * term
+    metrics["loss"] = loss
+
+    if all(name in REFERENCE_FREE for name, _ in terms):
+        r_w, r_l = _avg(x.chosen, x.chosen_len), _avg(x.rejected, x.rejected_len)
+    else:
+        r_w, r_l = _ratios(x)
+    # Metrics are for logging only: no gradient should flow through them.
+    r_w, r_l = jax.lax.stop_gradient(r_w), jax.lax.stop_gradient(r_l)
+    metrics.update(
+        {
+            "rewards/chosen": _wmean(hp.beta * r_w, w_b),
+            "rewards/rejected": _wmean(hp.beta * r_l, w_b),
+            "rewards/accuracies": _wmean((r_w > r_l).astype(jnp.float32), w_b),
+            "rewards/margins": _wmean(hp.beta * (r_w - r_l), w_b),
+            "logps/chosen": _wmean(jax.lax.stop_gradient(x.chosen), w_b),
+            "logps/rejected": _wmean(jax.lax.stop_gradient(x.rejected), w_b),
+        }
+    )
+    return loss, metrics
