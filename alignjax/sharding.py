@@ -6,6 +6,9 @@ logical names to mesh axes (data, fsdp, tensor). Changing the parallelism is a c
 
 from __future__ import annotations
 
+from alignjax.errors import UserError
+
+import contextlib
 import math
 from typing import Mapping, Sequence
 
@@ -33,7 +36,7 @@ DEFAULT_RULES: tuple = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     """A parallelism setting that cannot work; the message says which config key to change."""
 
 
@@ -160,3 +163,11 @@ def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
         return jax.device_put(x, batch_sharding(mesh, x.ndim, rules))
 
     return jax.tree_util.tree_map(put, batch)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=DEFAULT_RULES):
+    """Mesh + logical rules in scope, so activation constraints inside jitted code take effect."""
+    set_mesh = getattr(jax, "set_mesh", None)
+    with (set_mesh(mesh) if set_mesh else mesh), nn.logical_axis_rules(rules):
+        yield

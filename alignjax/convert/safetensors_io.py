@@ -6,6 +6,8 @@ whole tensors onto a default device; the format is simple enough to map it direc
 
 from __future__ import annotations
 
+from alignjax.errors import UserError
+
 import json
 import os
 import struct
@@ -23,7 +25,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Missing, unexpected or malformed weights; the message names the tensor and file."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alignjax.errors import UserError
+
 import dataclasses
 import json
 import os
@@ -12,7 +14,7 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-facing configuration problem; the message says what to change."""
 
 

@@ -63,8 +63,7 @@ def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature
               *, max_new_tokens: int, eos_ids: tuple, pad_id: int, cache_dtype):
     b, p = prompt_bp.shape
     cache = init_cache(module.config, b, p + max_new_tokens, cache_dtype)
-    cache = jax.tree_util.tree_map(lambda x, names: nn.with_logical_constraint(x, names),
-                                   cache, CACHE_AXES, is_leaf=lambda x: isinstance(x, tuple))
+    cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
     mask = prompt_mask_bp.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     logits, cache = module.apply(params, prompt_bp, positions, mask, cache=cache)
@@ -130,7 +129,7 @@ class Generator:
 
     def generate_padded(self, params, tokens_bp, mask_bp, sampling: SamplingParams, n_rows=None):
         batch = shd.shard_batch(dict(tokens=tokens_bp, mask=mask_bp), self.mesh, self.rules)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with shd.mesh_context(self.mesh, self.rules):
             out = self._jitted(
                 self.module, params, batch["tokens"], batch["mask"],
                 jax.random.PRNGKey(sampling.seed), jnp.float32(sampling.temperature),

@@ -111,13 +111,34 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def _dense(features, in_axes_names, out_names, bias, cfg: LlamaConfig, name, axis=-1):
-    init = nn.initializers.normal(cfg.initializer_range)
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=bias, name=name,
-        dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-        kernel_init=_param(init, in_axes_names + out_names),
-        bias_init=_param(nn.initializers.zeros, out_names))
+class Linear(nn.Module):
+    """x @ kernel over the trailing `len(in_names)` axes of x, kernel [*in, *out] with logical names."""
+
+    out_shape: tuple
+    in_names: tuple
+    out_names: tuple
+    use_bias: bool
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c, n_in = self.config, len(self.in_names)
+        init = nn.initializers.normal(c.initializer_range)
+        kernel = self.param("kernel", _param(init, self.in_names + self.out_names),
+                            x.shape[-n_in:] + tuple(self.out_shape), _dtype(c.param_dtype))
+        dtype = _dtype(c.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", _param(nn.initializers.zeros, self.out_names),
+                              tuple(self.out_shape), _dtype(c.param_dtype))
+            y = y + bias.astype(dtype)
+        return y
+
+
+def _dense(features, in_names, out_names, bias, cfg: LlamaConfig, name):
+    features = features if isinstance(features, tuple) else (features,)
+    return Linear(features, in_names, out_names, bias, cfg, name=name)
 
 
 class Attention(nn.Module):
@@ -148,8 +169,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(_dtype(c.dtype))
         out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd.astype(probs.dtype))
         out_bthd = out_btkgd.reshape(b, t, h, d)
-        out = _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o",
-                     axis=(-2, -1))(out_bthd)
+        out = _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o")(out_bthd)
         return out, new_kv
 
 

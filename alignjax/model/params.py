@@ -42,12 +42,11 @@ def init_params(module: Llama, rng, mesh: Mesh, rules=shd.DEFAULT_RULES):
     """Random initialisation, computed under jit straight into the sharded layout."""
     _, shardings = abstract_params(module, mesh, rules)
 
-    @jax.jit
     def init(rng):
         return nn.meta.unbox(module.init(rng, *_dummy()))
 
-    with mesh:
-        return jax.jit(init, out_shardings=shardings)(rng)
+    # No mesh context here: flax would apply per-layer constraints inside the scanned init.
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def logical_axes(module: Llama):

@@ -1,0 +1,162 @@
+"""`alignjax <command>`: thin argument parsing around library functions.
+
+Heavy imports (jax, transformers) happen inside the handlers so `--help` is instant. Problems the
+user can fix (alignjax.errors.UserError and missing files) print one clear line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  alignjax convert hf-to-alignjax --hf ./Llama-3.2-1B --out ./ckpt/llama32-1b
+  alignjax generate --model ./ckpt/llama32-1b --prompt "Write a haiku about TPUs" --chat
+  alignjax convert alignjax-to-hf --ckpt ./ckpt/llama32-1b --out ./hf-out --dtype bfloat16
+  alignjax bench forward --preset small --batch 8 --seq-len 256
+"""
+
+
+def parse_mesh(text: str | None) -> dict:
+    """'data=2,fsdp=2,tensor=2' -> dict; empty means all devices on `data`."""
+    if not text:
+        return {"data": -1}
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise SystemExit(f"alignjax: error: --mesh {text!r}: expected axis=size pairs such as "
+                             "data=2,fsdp=2,tensor=2")
+        k, v = part.split("=", 1)
+        out[k.strip()] = int(v)
+    return out
+
+
+def _add_mesh(p):
+    p.add_argument("--mesh", default="", metavar="AXIS=N,...",
+                   help="device mesh, e.g. data=2,fsdp=2,tensor=2 (-1 fills the rest; default: all "
+                        "devices on data)")
+
+
+# ---- handlers --------------------------------------------------------------------------------
+
+def cmd_convert_hf_to_alignjax(args):
+    from alignjax import sharding as shd
+    from alignjax.model.store import load_model, save_model_dir
+    model = load_model(args.hf, shd.make_mesh(parse_mesh(args.mesh)), head=args.head)
+    save_model_dir(args.out, model.params, model.config, model.head, model.tokenizer_dir,
+                   model.extra.get("generation_config"))
+    n = model.config.num_params() if model.head == "lm" else None
+    print(f"wrote alignjax model ({model.head} head{f', {n:,} parameters' if n else ''}) to {args.out}")
+
+
+def cmd_convert_alignjax_to_hf(args):
+    from alignjax import sharding as shd
+    from alignjax.model.store import export_hf, load_model
+    model = load_model(args.ckpt, shd.make_mesh(parse_mesh(args.mesh)))
+    files = export_hf(model, args.out, dtype=args.dtype,
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    arch = "LlamaForSequenceClassification" if model.head == "scalar" else "LlamaForCausalLM"
+    print(f"wrote {arch} ({args.dtype}) to {args.out}: {len(files)} files")
+
+
+def cmd_generate(args):
+    from alignjax import sharding as shd
+    from alignjax.model.generate import Generator, SamplingParams, completions_to_text
+    from alignjax.model.store import load_model
+    from alignjax.model.tokenize import encode_prompts, load_model_tokenizer
+    model = load_model(args.model, shd.make_mesh(parse_mesh(args.mesh)), head="lm")
+    tokenizer = load_model_tokenizer(model, args.model)
+    prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat)
+    eos = model.eos_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos, pad_id=pad)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    out = gen.generate_ids(model.params, prompts, sampling)
+    texts = completions_to_text(tokenizer, out["tokens"], out["mask"], eos)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts)], indent=2))
+    else:
+        for t in texts:
+            print(t)
+
+
+def cmd_bench(args):
+    from alignjax import bench
+    result = bench.run(args.what, preset=args.preset, hf_config=args.hf_config, batch=args.batch,
+                       seq_len=args.seq_len, new_tokens=args.new_tokens, steps=args.steps,
+                       dtype=args.dtype, mesh=parse_mesh(args.mesh), with_torch=not args.no_torch)
+    print(bench.format_result(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignjax", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Align Llama-family models with JAX: convert, generate, benchmark.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    conv = sub.add_parser("convert", help="Hugging Face <-> alignjax checkpoints")
+    conv_sub = conv.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    p = conv_sub.add_parser("hf-to-alignjax", help="HF Llama directory -> alignjax model directory")
+    p.add_argument("--hf", required=True, help="local HF directory (config.json + *.safetensors)")
+    p.add_argument("--out", required=True, help="output alignjax model directory")
+    p.add_argument("--head", choices=("lm", "scalar"), default=None,
+                   help="force the head (default: from config.json architectures)")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_convert_hf_to_alignjax)
+    p = conv_sub.add_parser("alignjax-to-hf", help="alignjax model directory -> HF directory")
+    p.add_argument("--ckpt", required=True, help="alignjax model directory")
+    p.add_argument("--out", required=True, help="output HF directory")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="max size of one safetensors file")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_convert_alignjax_to_hf)
+
+    p = sub.add_parser("generate", help="sample completions with the KV cache",
+                       description="Prints one completion per --prompt (completion text only).")
+    p.add_argument("--model", required=True, help="HF directory or alignjax model directory")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion}")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="tokens/s of alignjax vs transformers (PyTorch)")
+    p.add_argument("what", choices=("forward", "generate"))
+    p.add_argument("--preset", default="small", help="model size preset: tiny, small, medium, 1b")
+    p.add_argument("--hf-config", default=None, help="take the architecture from an HF config.json dir")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256, help="forward: sequence length; generate: prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="generate: tokens per sequence")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions after warm-up")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from alignjax.errors import UserError
+    try:
+        args.func(args)
+    except (UserError, FileNotFoundError) as e:
+        print(f"alignjax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
