@@ -153,14 +153,14 @@ def load_hf_params(hf_dir: str, config: LlamaConfig, abstract_params, shardings,
         want = tuple(abstract.shape)
         layer_shape = want[1:] if row.stacked else want
 
-        def read(key, row=row, layer_shape=layer_shape):
-            w = row.to_ours(reader.get(key))
-            if tuple(w.shape) != layer_shape:
+        hf_shape = tuple(jax.eval_shape(row.to_hf, jax.ShapeDtypeStruct(layer_shape, np.float32)).shape)
+
+        def read(key, row=row, hf_shape=hf_shape):
+            if tuple(reader.shape(key)) != hf_shape:
                 raise WeightsError(
-                    f"{hf_dir}: tensor {key} has shape {reader.shape(key)}, which does not fit "
-                    f"the config (expected {layer_shape} after transform, got {tuple(w.shape)}); "
-                    "config.json and the weights disagree")
-            return w
+                    f"{hf_dir}: tensor {key} has shape {reader.shape(key)}, but the config implies "
+                    f"{hf_shape}; config.json and the weights disagree")
+            return row.to_ours(reader.get(key))
 
         value = _place(want, abstract.dtype, _get(shardings["params"], row.path),
                        read_layer=lambda i, row=row, read=read: read(row.hf.format(i=i)),
