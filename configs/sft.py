@@ -1,0 +1,173 @@
+"""Supervised fine-tuning (SFT) config and presets.
+
+    alignjax train configs/sft.py:tiny --config.optimizer.lr=3e-3
+
+Presets: tiny (CPU smoke test on the toy suite), small (a ~10M model, toy suite, CPU/GPU),
+llama2_7b, llama3_8b, llama3_70b (the real architectures; meshes sized for TPU pods, e.g.
+v5p-64 = 32 chips). Every preset has every key below; a preset only changes values.
+"""
+
+from ml_collections import ConfigDict
+
+PRESETS = ("tiny", "small", "llama2_7b", "llama3_8b", "llama3_70b")
+DEFAULT_PRESET = "tiny"
+
+
+def base_config() -> ConfigDict:
+    """The full schema with defaults for fine-tuning a pretrained model."""
+    c = ConfigDict()
+    c.algorithm = "sft"
+
+    c.model = m = ConfigDict()
+    m.init_from = ""  # "" = random init from the fields below; else an HF or alignjax model dir
+    m.vocab_size = 32000
+    m.hidden_size = 4096
+    m.intermediate_size = 11008
+    m.num_hidden_layers = 32
+    m.num_attention_heads = 32
+    m.num_key_value_heads = 32
+    m.head_dim = None  # None = hidden_size // num_attention_heads
+    m.max_position_embeddings = 4096
+    m.rope_theta = 10000.0
+    m.rope_scaling = None  # or a dict, e.g. Llama 3.1: {"rope_type": "llama3", "factor": 8.0, ...}
+    m.tie_word_embeddings = False
+    m.rms_norm_eps = 1e-5
+    m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
+    m.param_dtype = "float32"  # master weights and optimizer state stay float32
+    m.remat_policy = "full"  # none | full | dots | dots_with_no_batch_dims
+
+    c.tokenizer = ConfigDict()
+    # "" = the tokenizer stored with model.init_from; "toy" = train a small one on the toy suite.
+    c.tokenizer.path = ""
+
+    c.data = d = ConfigDict()
+    d.train = ""  # comma-separated: a.jsonl, b.parquet, a load_from_disk dir, hf://name, or toy
+    d.eval = ""  # same syntax ("toy" = the held-out toy split); "" = no evaluation data
+    d.format = "auto"  # auto | text | prompt_completion | messages
+    d.packing = "pack"  # pack | pad
+    d.truncation = "truncate_left_prompt"  # | truncate_right | drop
+    d.completion_only_loss = True  # loss on completions / assistant turns only
+    d.seq_len = 4096
+    d.shuffle_seed = 0
+
+    # Device mesh; one axis may be -1 (= the remaining devices). Batches split over data*fsdp.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding = ConfigDict()
+    # None = alignjax.sharding.DEFAULT_RULES; else ((logical axis, mesh axes or None), ...).
+    c.sharding.rules = None
+
+    c.optimizer = o = ConfigDict()
+    o.lr = 2e-5  # peak learning rate
+    o.b1 = 0.9
+    o.b2 = 0.95
+    o.eps = 1e-8
+    o.weight_decay = 0.0
+    o.schedule = "cosine"  # cosine | linear | constant (after linear warmup)
+    o.warmup_steps = 30
+    o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio (cosine and linear)
+    o.grad_clip = 1.0  # global-norm clipping; 0 disables
+
+    c.train = t = ConfigDict()
+    t.steps = 1000
+    t.batch_size = 64  # global sequences per optimizer step (all devices, all micro-batches)
+    t.grad_accum_steps = 1  # micro-batches per step; each holds batch_size // grad_accum_steps
+    t.seed = 0
+    t.log_every = 10
+    t.eval_every = 200  # 0 = no periodic evaluation
+    t.eval_batches = 16
+    t.nan_guard = True  # stop with an error (not a silent skip) on a non-finite loss
+
+    c.checkpoint = k = ConfigDict()
+    k.every = 200  # steps; the last step is always saved
+    k.keep = 3
+    k.async_save = True
+    return c
+
+
+def _tiny(c: ConfigDict) -> None:
+    # ~0.43M parameters; trains on the toy suite in minutes on a laptop CPU. The toy tokenizer
+    # has at most 512 tokens, so vocab_size=512 always fits it.
+    c.model.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   dtype="float32", remat_policy="none")
+    c.tokenizer.path = "toy"
+    c.data.update(train="toy", eval="toy", seq_len=64)
+    c.optimizer.update(lr=2e-3, weight_decay=0.1, warmup_steps=20)
+    c.train.update(steps=300, batch_size=32, log_every=10, eval_every=100, eval_batches=4)
+    c.checkpoint.every = 100
+
+
+def _small(c: ConfigDict) -> None:
+    # ~9.8M parameters on the toy suite: a quick real run on one GPU (or a slow one on CPU).
+    c.model.update(vocab_size=512, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+                   dtype="float32", remat_policy="none")
+    c.tokenizer.path = "toy"
+    c.data.update(train="toy", eval="toy", seq_len=256)
+    c.optimizer.update(lr=1e-3, weight_decay=0.1, warmup_steps=60)
+    c.train.update(steps=2000, batch_size=32, eval_every=250, eval_batches=8)
+    c.checkpoint.every = 500
+
+
+def _chat_data(c: ConfigDict, tokenizer: str) -> None:
+    # Big presets: a real chat dataset (messages format) and a tokenizer with a chat template.
+    # Fine-tuning starts from model.init_from (see each preset); with init_from="" the weights
+    # are random, which only makes sense for compile / throughput checks.
+    c.tokenizer.path = tokenizer
+    c.data.update(train="hf://HuggingFaceH4/ultrachat_200k:train_sft",
+                  eval="hf://HuggingFaceH4/ultrachat_200k:test_sft", format="messages")
+
+
+def _llama2_7b(c: ConfigDict) -> None:
+    # Set model.init_from=meta-llama/Llama-2-7b-hf (converted, or an HF snapshot dir) to fine-tune.
+    c.model.update(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                   max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+                   remat_policy="dots")  # "full" if HBM is short (v4, v5e)
+    _chat_data(c, "meta-llama/Llama-2-7b-chat-hf")
+    c.data.seq_len = 4096
+    c.mesh.update(data=1, fsdp=-1, tensor=1)  # pure FSDP: 7B in fp32 + Adam is ~108 GB total
+    c.train.update(steps=1000, batch_size=64)
+    c.optimizer.update(lr=2e-5, warmup_steps=30)
+
+
+def _llama3_8b(c: ConfigDict) -> None:
+    # Set model.init_from=meta-llama/Meta-Llama-3-8B (or -Instruct) to fine-tune.
+    c.model.update(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                   max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                   remat_policy="dots")
+    _chat_data(c, "meta-llama/Meta-Llama-3-8B-Instruct")
+    c.data.seq_len = 4096
+    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.train.update(steps=1000, batch_size=128, grad_accum_steps=2)
+    c.optimizer.update(lr=2e-5, warmup_steps=30)
+
+
+def _llama3_70b(c: ConfigDict) -> None:
+    # Set model.init_from=meta-llama/Meta-Llama-3-70B-Instruct to fine-tune. On 32 chips
+    # (v5p-64) tensor=4 leaves fsdp=8: ~35 GB/chip of fp32 weights + Adam, activations on top.
+    c.model.update(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                   num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                   max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                   remat_policy="full")
+    _chat_data(c, "meta-llama/Meta-Llama-3-70B-Instruct")
+    c.data.seq_len = 4096
+    c.mesh.update(data=1, fsdp=-1, tensor=4)
+    c.train.update(steps=1000, batch_size=64, grad_accum_steps=4)
+    c.optimizer.update(lr=2e-5, warmup_steps=30)
+
+
+_APPLY = {"tiny": _tiny, "small": _small, "llama2_7b": _llama2_7b, "llama3_8b": _llama3_8b,
+          "llama3_70b": _llama3_70b}
+
+
+def get_config(preset: str | None = None) -> ConfigDict:
+    """The SFT config for ``preset`` (default: tiny)."""
+    preset = preset or DEFAULT_PRESET
+    if preset not in _APPLY:
+        raise ValueError(f"configs/sft.py: unknown preset {preset!r}; valid presets: "
+                         f"{', '.join(PRESETS)}")
+    c = base_config()
+    _APPLY[preset](c)
+    return c
