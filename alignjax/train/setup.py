@@ -1,0 +1,141 @@
+"""From a config to the pieces every trainer needs: mesh, tokenizer, model, initial params, data.
+
+Kept separate from the loop so `alignjax compile` can build the same step abstractly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+
+from alignjax import sharding as shd
+from alignjax.model.config import ConfigError, LlamaConfig
+from alignjax.model.params import build_module, init_params
+
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+             "rope_theta", "rope_scaling", "tie_word_embeddings", "rms_norm_eps")
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy")
+
+
+def rules(config) -> tuple:
+    return shd.rules_from_config(config.get("sharding", {}).get("rules"))
+
+
+def runtime_overrides(config) -> dict:
+    return {k: config.model[k] for k in RUNTIME_KEYS if k in config.model}
+
+
+def model_config(config, tokenizer=None) -> LlamaConfig:
+    """The architecture: from `model.init_from` when set, else from the config's model fields."""
+    m = config.model
+    if m.get("init_from"):
+        from alignjax.model.store import path_kind, MODEL_FILE
+        path = m.init_from
+        if path_kind(path) == "hf":
+            cfg = LlamaConfig.from_hf_dir(path, **runtime_overrides(config))
+        else:
+            with open(os.path.join(path, MODEL_FILE)) as f:
+                cfg = LlamaConfig.from_json_dict(json.load(f)["model"], **runtime_overrides(config))
+    else:
+        arch = {k: m[k] for k in ARCH_KEYS if k in m and m[k] is not None}
+        if isinstance(arch.get("rope_scaling"), dict) or hasattr(arch.get("rope_scaling"), "to_dict"):
+            arch["rope_scaling"] = dict(arch["rope_scaling"])
+        cfg = LlamaConfig(**arch, **runtime_overrides(config))
+        if tokenizer is not None:
+            cfg = cfg.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer "
+                          f"({len(tokenizer)} tokens); set --config.model.vocab_size={len(tokenizer)} "
+                          "or larger")
+    return cfg
+
+
+def tokenizer_for(config, workdir: str):
+    """`tokenizer.path`: a directory, "toy" (trained on the toy suite, kept in the workdir), or ""
+    (the tokenizer stored with `model.init_from`)."""
+    from alignjax.data.tokenizer import load_tokenizer
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(saved, "tokenizer_config.json")):
+        return load_tokenizer(saved)  # resume: the exact tokenizer of the first run
+    path = config.tokenizer.path
+    if path == "toy":
+        from alignjax.data import toy
+        from alignjax.data.tokenizer import train_bpe_tokenizer
+        examples = toy.make_examples(4000, seed=12345)
+        tok = train_bpe_tokenizer(list(toy.all_texts(examples)), vocab_size=int(
+            config.tokenizer.get("vocab_size", 512) or 512))
+    elif path:
+        tok = load_tokenizer(path)
+    elif config.model.get("init_from"):
+        from alignjax.model.store import path_kind
+        base = config.model.init_from
+        tok = load_tokenizer(os.path.join(base, "tokenizer") if path_kind(base) == "alignjax" else base)
+    else:
+        raise ConfigError("tokenizer.path is empty and model.init_from is not set: give a tokenizer "
+                          "directory, or 'toy' for the built-in toy suite")
+    if jax.process_index() == 0:
+        tok.save_pretrained(saved)
+    return tok
+
+
+def initial_params(config, module, mesh, rules_):
+    """Converted weights when `model.init_from` is set (params only), else a seeded random init."""
+    if config.model.get("init_from"):
+        from alignjax.model.store import load_model
+        loaded = load_model(config.model.init_from, mesh, rules_, head=module.head,
+                            **runtime_overrides(config))
+        if loaded.config.replace(**{k: getattr(module.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}) != module.config:
+            raise ConfigError(f"model.init_from={config.model.init_from}: architecture differs from "
+                              "the configured model")
+        return loaded.params
+    return init_params(module, jax.random.PRNGKey(int(config.train.seed)), mesh, rules_)
+
+
+def data_sources(spec: str, workdir: str, split: str, kind: str = "sft") -> list:
+    """Comma-separated source specs; "toy" writes the toy suite's records into WORKDIR/data."""
+    out = []
+    for part in [s.strip() for s in spec.split(",") if s.strip()]:
+        if part == "toy":
+            out.append(write_toy_split(workdir, split, kind))
+        else:
+            out.append(part)
+    return out
+
+
+def write_toy_split(workdir: str, split: str, kind: str = "sft") -> str:
+    from alignjax.data import toy
+    path = os.path.join(workdir, "data", f"toy_{kind}_{split}.jsonl")
+    if not os.path.exists(path) and jax.process_index() == 0:
+        splits = toy.toy_splits(n_train=4000, n_eval=200, seed=0)
+        records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
+                   "preference": lambda ex: toy.preference_records(ex, seed=1),
+                   "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),
+                   "kto": lambda ex: toy.kto_records(ex, seed=1)}[kind](splits[split])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        toy.write_jsonl(records, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+@dataclasses.dataclass
+class Run:
+    """What a trainer builds before its first step."""
+    mesh: Any
+    rules: tuple
+    tokenizer: Any
+    model_config: LlamaConfig
+    module: Any
+
+
+def build_run(config, workdir: str, head: str = "lm", devices: Optional[list] = None) -> Run:
+    mesh = shd.make_mesh(dict(config.mesh), devices)
+    rules_ = rules(config)
+    tokenizer = tokenizer_for(config, workdir)
+    cfg = model_config(config, tokenizer)
+    return Run(mesh, rules_, tokenizer, cfg, build_module(cfg, head))
