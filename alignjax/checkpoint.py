@@ -54,10 +54,12 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the params of a training checkpoint (for evaluation, export, init_from)."""
         abstract = {"params": abstract_params}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
-        return out["state"]["params"]
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+        return out["params"]
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -11,6 +11,9 @@ import json
 import sys
 
 EPILOG = """examples:
+  alignjax train --config configs/sft.py:tiny --workdir runs/sft --config.optimizer.lr=3e-3
+  alignjax sweep --sweep configs/sweeps/sft_lr.py --workdir runs/sweep
+  alignjax compile --config configs/sft.py:llama2_7b --topology v5p-64
   alignjax convert hf-to-alignjax --hf ./Llama-3.2-1B --out ./ckpt/llama32-1b
   alignjax generate --model ./ckpt/llama32-1b --prompt "Write a haiku about TPUs" --chat
   alignjax convert alignjax-to-hf --ckpt ./ckpt/llama32-1b --out ./hf-out --dtype bfloat16
@@ -82,6 +85,58 @@ def cmd_generate(args):
             print(t)
 
 
+def _config(args):
+    from alignjax.config import load_config
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args):
+    run_training(_config(args), args.workdir)
+
+
+def run_training(config, workdir: str) -> dict:
+    """Validate, record the resolved config, then run (or resume) the configured algorithm."""
+    import os
+    import jax
+    from alignjax.config import check_resume_config, load_saved_config, save_config, validate_config
+    validate_config(config, jax.device_count())
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        changed = check_resume_config(load_saved_config(workdir), config)
+        if changed:
+            print("resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
+    save_config(config, workdir)
+    from alignjax.train import ALGORITHMS
+    out = ALGORITHMS[config.algorithm](config, workdir)
+    shown = {k: round(v, 4) for k, v in out["metrics"].items() if isinstance(v, float)}
+    print(f"done: {workdir} (metrics.jsonl, tb/, checkpoints/) {json.dumps(shown)}")
+    return out
+
+
+def cmd_sweep(args):
+    import os
+    from alignjax.config import expand_sweep, load_config
+    base, runs = expand_sweep(args.sweep)
+    print(f"sweep {args.sweep}: {len(runs)} runs of {base}")
+    for i, (name, overrides) in enumerate(runs, 1):
+        workdir = os.path.join(args.workdir, name)
+        print(f"[{i}/{len(runs)}] {name} -> {workdir}")
+        run_training(load_config(base, list(overrides) + list(args.overrides)), workdir)
+
+
+def cmd_compile(args):
+    import jax
+    from alignjax import aot
+    from alignjax.config import validate_config
+    from alignjax.train.compile import compile_train_step
+    config = _config(args)
+    spec = aot.parse_topology(args.topology)
+    validate_config(config, spec.chips)
+    report = compile_train_step(config, args.topology)
+    print(aot.format_report(report))
+    if not report.fits:
+        sys.exit(1)
+
+
 def cmd_bench(args):
     from alignjax import bench
     result = bench.run(args.what, preset=args.preset, hf_config=args.hf_config, batch=args.batch,
@@ -132,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("train", help="train (or resume) with a config file",
+                       description="Runs the algorithm of the config (sft, ...). Running the same "
+                                   "command again on the same --workdir resumes from its latest "
+                                   "checkpoint. Override any config key with --config.KEY=VALUE.")
+    p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]", help="e.g. configs/sft.py:tiny")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, config.json")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a sweep file's override sets one after another")
+    p.add_argument("--sweep", required=True, help="configs/sweeps/NAME.py")
+    p.add_argument("--workdir", required=True, help="each run goes to WORKDIR/<run name>")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compile", help="compile the train step for a TPU topology (needs libtpu) and "
+                                       "report whether it fits",
+                       description="Ahead-of-time compile on this host for e.g. --topology v5p-64 "
+                                   "(v4-N, v5p-N: TensorCores; v5e-N, v6e-N: chips). Exits 1 when "
+                                   "the step does not fit in HBM.")
+    p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]")
+    p.add_argument("--topology", required=True, help="Cloud TPU name, e.g. v5p-64, v5e-256, v6e-8")
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("bench", help="tokens/s of alignjax vs transformers (PyTorch)")
     p.add_argument("what", choices=("forward", "generate"))
     p.add_argument("--preset", default="small", help="model size preset: tiny, small, medium, 1b")
@@ -149,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides = [u for u in unknown if u.startswith("--config.")]
+    rest = [u for u in unknown if not u.startswith("--config.")]
+    if rest or (args.overrides and args.command not in ("train", "sweep", "compile")):
+        parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     from alignjax.errors import UserError
     try:
         args.func(args)

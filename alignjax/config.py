@@ -472,3 +472,8 @@ def expand_sweep(path: str) -> tuple[str, list[tuple[str, list[str]]]]:
         items = {**fixed, **{k: v for k, v in run.items() if k != "name"}}
         out.append((name, [f"{k}={_format_value(v)}" for k, v in items.items()]))
     return base, out
+
+
+def validate_config(config: ConfigDict, num_devices: int) -> None:
+    """Validation before any compile, for the config's algorithm (all share the SFT schema's core)."""
+    validate_sft_config(config, num_devices)

@@ -85,16 +85,16 @@ def base_config() -> ConfigDict:
 
 
 def _tiny(c: ConfigDict) -> None:
-    # ~0.43M parameters; trains on the toy suite in minutes on a laptop CPU. The toy tokenizer
-    # has at most 512 tokens, so vocab_size=512 always fits it.
-    c.model.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    # ~0.8M parameters; learns the toy suite (>= 90% held-out checker accuracy) in a few minutes
+    # on a 2-core CPU. The toy tokenizer has at most 512 tokens, so vocab_size=512 always fits it.
+    c.model.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                    dtype="float32", remat_policy="none")
     c.tokenizer.path = "toy"
-    c.data.update(train="toy", eval="toy", seq_len=64)
-    c.optimizer.update(lr=2e-3, weight_decay=0.1, warmup_steps=20)
-    c.train.update(steps=300, batch_size=32, log_every=10, eval_every=100, eval_batches=4)
-    c.checkpoint.every = 100
+    c.data.update(train="toy", eval="toy", seq_len=128)
+    c.optimizer.update(lr=3e-3, weight_decay=0.1, warmup_steps=40)
+    c.train.update(steps=600, batch_size=32, log_every=25, eval_every=200, eval_batches=4)
+    c.checkpoint.every = 200
 
 
 def _small(c: ConfigDict) -> None:

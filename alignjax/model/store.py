@@ -5,6 +5,7 @@ An alignjax model directory holds:
     params/               orbax checkpoint of the params tree, restored straight into shardings
     tokenizer/            the tokenizer files found with the source model (if any)
     generation_config.json  (if the source had one)
+A training workdir has the same json with "params": "checkpoints": its latest checkpoint's params.
 A Hugging Face directory (config.json + safetensors) is read directly through the key table.
 """
 
@@ -102,9 +103,18 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
         raise ConfigError(f"{path} holds a model with head={stored_head!r}, but head={head!r} was asked for")
     module = build_module(config, stored_head)
     abstract, _ = abstract_params(module, mesh, rules)
-    params = restore_params(os.path.join(path, "params"), abstract)
+    if meta.get("params") == "checkpoints":  # a training workdir: its latest checkpoint
+        from alignjax.checkpoint import Checkpointer
+        ckpt = Checkpointer(path, every=1)
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"{path}: training workdir without any checkpoint yet")
+        params = ckpt.restore_params(step, abstract)
+        ckpt.close()
+    else:
+        params = restore_params(os.path.join(path, "params"), abstract)
     tok_dir = os.path.join(path, "tokenizer")
-    extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format")}
+    extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format", "params")}
     extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json"))
     return LoadedModel(config, stored_head, module, params, mesh, rules,
                        tok_dir if os.path.isdir(tok_dir) else None, extra)

@@ -105,19 +105,19 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                 elif step_fn._cache_size() != compiles:
                     raise RuntimeError("the train step recompiled inside the loop (a batch changed "
                                        "shape or dtype); this is a bug, please report it")
+                row = {}
                 if step % log_every == 0 or step == steps:
-                    last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    _check_finite(last, step, config, ckpt)
+                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    _check_finite(row, step, config, ckpt)
                     elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-                    tps = tokens_since / elapsed
-                    tokens_since = 0
-                    last.update(tokens_per_s=tps, mfu=tps * flops_per_token / (peak * jax.device_count()))
-                    if eval_every and algo.eval_iterator and step % eval_every == 0:
-                        last.update(evaluate(eval_fn, state["params"], algo, run, config))
-                        clock = time.perf_counter()
-                    writer.write(step, last)
-                elif eval_every and algo.eval_iterator and step % eval_every == 0:
-                    writer.write(step, evaluate(eval_fn, state["params"], algo, run, config))
+                    tps, tokens_since = tokens_since / elapsed, 0
+                    row.update(tokens_per_s=tps, mfu=tps * flops_per_token / (peak * jax.device_count()))
+                if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
+                    row.update(evaluate(eval_fn, state["params"], algo, run, config))
+                    clock = time.perf_counter()  # eval time is not training throughput
+                if row:
+                    last.update(row)
+                    writer.write(step, row)
                 writer.advance()
                 ckpt.save(step, state, algo.train_iterator, _meta(config, step, peak_source, algo),
                           force=step == steps)
@@ -127,11 +127,6 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     finally:
         writer.close()
         ckpt.close()
-    if algo.eval_iterator and not (eval_every and steps % eval_every == 0):
-        with shd.mesh_context(run.mesh, run.rules):
-            final_eval = evaluate(eval_fn, state["params"], algo, run, config)
-        MetricsWriter(workdir, steps, None).write(steps, final_eval)
-        last.update(final_eval)
     return {"state": state, "metrics": last}
 
 

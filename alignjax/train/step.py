@@ -57,7 +57,7 @@ def make_train_step(sums_fn: Callable, metrics_fn: Callable, optimizer: optax.Gr
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics_fn(sums), grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics_fn(sums), grad_norm=optax.tree.norm(grads),
                        lr=schedule(state["step"]))
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -1,0 +1,69 @@
+"""`alignjax compile`: the real sharded train step, compiled ahead of time for a TPU topology.
+
+Runs on a CPU host with libtpu installed (no TPU needed): it builds abstract inputs only (no
+parameter is allocated), lowers the same jitted step the trainer runs, and reads per-chip memory
+and FLOPs from the compiled program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from alignjax import sharding as shd
+from alignjax.model.params import build_module
+from alignjax.train.optim import make_optimizer
+from alignjax.train.setup import model_config, rules
+from alignjax.train.state import state_shardings
+from alignjax.train.step import make_train_step
+
+# Algorithm -> (head, batch layout builder, sums_fn builder, metrics_fn). Extended by later trainers.
+STEP_BUILDERS = {}
+
+
+def register(name):
+    def deco(fn):
+        STEP_BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def token_batch(batch: int, seq_len: int) -> dict:
+    i32 = jnp.int32
+    return {k: jax.ShapeDtypeStruct((batch, seq_len), i32)
+            for k in ("tokens", "positions", "segment_ids", "targets")} | {
+        "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+
+
+@register("sft")
+def _sft(config, module, mesh, rules_):
+    from alignjax.train import sft
+    batch = token_batch(int(config.train.batch_size), int(config.data.seq_len))
+    return sft.make_sums_fn(module), sft.metrics, batch, ()
+
+
+def compile_train_step(config, topology: str):
+    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64")."""
+    from alignjax import aot
+    spec = aot.parse_topology(topology)
+    mesh = aot.topology_mesh(spec, dict(config.mesh))
+    rules_ = rules(config)
+    algo = config.get("algorithm", "sft")
+    if algo not in STEP_BUILDERS:
+        raise ValueError(f"alignjax compile: algorithm {algo!r} has no step builder yet")
+    module = build_module(model_config(config), "scalar" if algo == "reward" else "lm")
+    optimizer, schedule = make_optimizer(config.optimizer, int(config.train.steps))
+    abstract_state, state_sh = state_shardings(module, optimizer, mesh, rules_)
+    sums_fn, metrics_fn, batch, frozen = STEP_BUILDERS[algo](config, module, mesh, rules_)
+    batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, x.ndim, rules_), batch)
+    batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   batch, batch_sh)
+    step = make_train_step(sums_fn, metrics_fn, optimizer, schedule,
+                           int(config.train.get("grad_accum_steps", 1)))
+    frozen_sh = tuple(jax.tree_util.tree_map(lambda x: x.sharding, f) for f in frozen)
+    with shd.mesh_context(mesh, rules_):
+        return aot.compile_report(step, (abstract_state, batch) + tuple(frozen),
+                                  in_shardings=(state_sh, batch_sh) + frozen_sh,
+                                  out_shardings=(state_sh, NamedSharding(mesh, P())),
+                                  spec=spec, donate_argnums=(0,))
