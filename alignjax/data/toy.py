@@ -287,9 +287,10 @@ def make_examples(
 
 
 def toy_splits(
-    n_train: int = 2000, n_eval: int = 200, seed: int = 0, tasks: Sequence[str] | None = None
+    n_train: int = 20000, n_eval: int = 200, seed: int = 0, tasks: Sequence[str] | None = None
 ) -> dict[str, list[ToyExample]]:
-    """Train and held-out eval splits; no prompt appears in both."""
+    """Train and held-out eval splits; no prompt appears in both. The defaults are the splits the
+    trainers (`data.train="toy"`), the demo and the toy evaluation use."""
     # Eval is drawn first so that it follows the task distribution exactly; train avoids it.
     evals = make_examples(n_eval, [seed, 1], tasks)
     train = make_examples(n_train, [seed, 0], tasks, exclude={e.prompt for e in evals})

@@ -11,9 +11,9 @@ from alignjax.model.generate import Generator, SamplingParams, completions_to_te
 from alignjax.model.tokenize import encode_prompts
 
 
-def toy_eval_examples(n: int = 200, seed: int = 0):
+def toy_eval_examples(n: int = 200):
     """The same held-out split the trainers' `data.eval="toy"` uses."""
-    return toy.toy_splits(n_train=4000, n_eval=200, seed=seed)["eval"][:n]
+    return toy.toy_splits(n_train=0)["eval"][:n]
 
 
 def generate_answers(module, params, mesh, rules, tokenizer, prompts, max_new_tokens: int = 24,

@@ -85,16 +85,41 @@ def tokenizer_for(config, workdir: str):
 
 
 def initial_params(config, module, mesh, rules_):
-    """Converted weights when `model.init_from` is set (params only), else a seeded random init."""
-    if config.model.get("init_from"):
-        from alignjax.model.store import load_model
-        loaded = load_model(config.model.init_from, mesh, rules_, head=module.head,
-                            **runtime_overrides(config))
-        if loaded.config.replace(**{k: getattr(module.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}) != module.config:
-            raise ConfigError(f"model.init_from={config.model.init_from}: architecture differs from "
-                              "the configured model")
+    """Converted weights when `model.init_from` is set (params only), else a seeded random init.
+
+    A scalar-head model (reward, value) started from a language model keeps the backbone and gets a
+    fresh score head: N(0, 1/(d_model+1)) as ALGORITHMS.md section 2 asks.
+    """
+    if not config.model.get("init_from"):
+        return init_params(module, jax.random.PRNGKey(int(config.train.seed)), mesh, rules_)
+    from alignjax.model.store import load_model
+    loaded = load_model(config.model.init_from, mesh, rules_, **runtime_overrides(config))
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    if loaded.config.replace(**{k: getattr(module.config, k) for k in ids}) != module.config:
+        raise ConfigError(f"model.init_from={config.model.init_from}: architecture differs from "
+                          "the configured model")
+    if loaded.head == module.head:
         return loaded.params
-    return init_params(module, jax.random.PRNGKey(int(config.train.seed)), mesh, rules_)
+    if module.head == "scalar":
+        return with_new_score_head(loaded.params, module, mesh, rules_, int(config.train.seed))
+    raise ConfigError(f"model.init_from={config.model.init_from} holds a {loaded.head}-head model; "
+                      "a language model cannot be initialised from a reward model")
+
+
+def with_new_score_head(lm_params, module, mesh, rules_, seed: int, zero: bool = False):
+    """Backbone of `lm_params` + a new scalar head (random, or zeros for a value head)."""
+    from alignjax.model.params import abstract_params
+    abstract, shardings = abstract_params(module, mesh, rules_)
+    kernel = abstract["params"]["score"]["kernel"]
+    scale = 0.0 if zero else 1.0 / (module.config.hidden_size + 1) ** 0.5
+
+    def new_kernel(key):
+        return jax.random.normal(key, kernel.shape, kernel.dtype) * scale
+
+    score = jax.jit(new_kernel, out_shardings=shardings["params"]["score"]["kernel"])(
+        jax.random.PRNGKey(seed))
+    backbone = {k: v for k, v in lm_params["params"].items() if k != "lm_head"}
+    return {"params": {**backbone, "score": {"kernel": score}}}
 
 
 def data_sources(spec: str, workdir: str, split: str, kind: str = "sft") -> list:
@@ -112,7 +137,7 @@ def write_toy_split(workdir: str, split: str, kind: str = "sft") -> str:
     from alignjax.data import toy
     path = os.path.join(workdir, "data", f"toy_{kind}_{split}.jsonl")
     if not os.path.exists(path) and jax.process_index() == 0:
-        splits = toy.toy_splits(n_train=4000, n_eval=200, seed=0)
+        splits = toy.toy_splits()
         records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
                    "preference": lambda ex: toy.preference_records(ex, seed=1),
                    "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),

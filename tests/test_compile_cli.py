@@ -1,0 +1,26 @@
+"""`alignjax compile` builds the real sharded train step for a TPU topology and says whether it fits."""
+
+import pytest
+
+from alignjax.aot import libtpu_available
+from alignjax.cli import main as cli_main
+
+pytestmark = pytest.mark.skipif(not libtpu_available(),
+                                reason='libtpu (TPU compiler) not installed: pip install -e ".[tpu]"')
+
+
+def test_llama2_7b_fits_v5p_64(capsys):
+    cli_main(["compile", "--config", "configs/sft.py:llama2_7b", "--topology", "v5p-64"])
+    out = capsys.readouterr().out
+    assert "FITS" in out and "DOES NOT FIT" not in out
+    assert "GiB" in out
+
+
+def test_oversized_does_not_fit(capsys):
+    # Pure data parallelism: every v5e chip would hold all 7B float32 weights plus Adam state.
+    with pytest.raises(SystemExit) as e:
+        cli_main(["compile", "--config", "configs/sft.py:llama2_7b", "--topology", "v5e-8",
+                  "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.train.batch_size=8",
+                  "--config.data.seq_len=512"])
+    assert e.value.code == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
