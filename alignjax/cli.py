@@ -65,15 +65,19 @@ def cmd_convert_alignjax_to_hf(args):
 
 def cmd_generate(args):
     from alignjax import sharding as shd
+    from alignjax.conditional import generation_setup
     from alignjax.model.generate import Generator, SamplingParams, completions_to_text
     from alignjax.model.store import load_model
-    from alignjax.model.tokenize import encode_prompts, load_model_tokenizer
+    from alignjax.model.tokenize import load_model_tokenizer
     model = load_model(args.model, shd.make_mesh(parse_mesh(args.mesh)), head="lm")
     tokenizer = load_model_tokenizer(model, args.model)
-    prompts = encode_prompts(tokenizer, args.prompt, chat=args.chat)
+    # Control tokens of a conditional-token model are never generated, conditioned or not.
+    prompts, blocked = generation_setup(tokenizer, args.prompt, args.condition, chat=args.chat,
+                                        vocab_size=model.config.vocab_size)
     eos = model.eos_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos, pad_id=pad)
+    gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos, pad_id=pad,
+                    blocked_ids=blocked)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     out = gen.generate_ids(model.params, prompts, sampling)
@@ -183,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--condition", choices=("good", "bad"), default=None,
+                   help="conditional-token model: prefix each prompt with <|good|> or <|bad|> "
+                        "(control tokens are never generated)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion}")
     _add_mesh(p)
     p.set_defaults(func=cmd_generate)

@@ -59,8 +59,16 @@ def sample_token(rng, logits_bv, temperature, top_k, top_p):
     return token, jnp.take_along_axis(logp_bv, token[:, None], axis=-1)[:, 0]
 
 
+def block_logits(logits_bv, blocked_ids: tuple):
+    """Sets the logits of `blocked_ids` to -inf: they are never picked, greedy or sampled."""
+    if not blocked_ids:
+        return logits_bv
+    return logits_bv.astype(jnp.float32).at[:, jnp.asarray(blocked_ids, jnp.int32)].set(-jnp.inf)
+
+
 def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature, top_k, top_p,
-              *, max_new_tokens: int, eos_ids: tuple, pad_id: int, cache_dtype):
+              *, max_new_tokens: int, eos_ids: tuple, pad_id: int, cache_dtype,
+              blocked_ids: tuple = ()):
     b, p = prompt_bp.shape
     cache = init_cache(module.config, b, p + max_new_tokens, cache_dtype)
     cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
@@ -72,7 +80,8 @@ def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature
 
     def step(carry, t):
         cache, logits_bv, pos_b, done_b = carry
-        token, logp = sample_token(jax.random.fold_in(rng, t), logits_bv, temperature, top_k, top_p)
+        token, logp = sample_token(jax.random.fold_in(rng, t), block_logits(logits_bv, blocked_ids),
+                                   temperature, top_k, top_p)
         valid = ~done_b
         token = jnp.where(valid, token, pad_id)
         done_b = done_b | jnp.isin(token, eos)
@@ -87,19 +96,29 @@ def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature
 
 
 class Generator:
-    """Holds one jitted sampler per bucket shape; reuse it across calls to avoid recompiles."""
+    """Holds one jitted sampler per bucket shape; reuse it across calls to avoid recompiles.
+
+    `blocked_ids`: token ids that are never generated (e.g. control tokens of conditional
+    training); their logits are -inf before greedy/sampling, so the returned `logps` are under
+    the distribution renormalised over the allowed tokens.
+    """
 
     def __init__(self, module: Llama, mesh: Mesh, rules=shd.DEFAULT_RULES, eos_ids: Sequence[int] = (),
                  pad_id: int = 0, prompt_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024,
                                                                     2048, 4096, 8192),
-                 cache_dtype=None):
+                 cache_dtype=None, blocked_ids: Sequence[int] = ()):
         self.module, self.mesh, self.rules = module, mesh, rules
+        self.blocked_ids = tuple(sorted({int(i) for i in blocked_ids}))
+        bad = [i for i in self.blocked_ids if not 0 <= i < module.config.vocab_size]
+        if bad:
+            raise ValueError(f"blocked_ids {bad} are outside the vocabulary [0, "
+                             f"{module.config.vocab_size})")
         self.eos_ids, self.pad_id = tuple(int(e) for e in eos_ids), int(pad_id)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.cache_dtype = cache_dtype or jnp.dtype(module.config.dtype)
         self._jitted = jax.jit(
             _generate, static_argnums=(0,),
-            static_argnames=("max_new_tokens", "eos_ids", "pad_id", "cache_dtype"))
+            static_argnames=("max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "blocked_ids"))
         self.batch_multiple = shd._axis_size(mesh, dict(rules).get("batch"))
 
     def compile_count(self) -> int:
@@ -135,7 +154,7 @@ class Generator:
                 jax.random.PRNGKey(sampling.seed), jnp.float32(sampling.temperature),
                 jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
                 max_new_tokens=sampling.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id,
-                cache_dtype=self.cache_dtype)
+                cache_dtype=self.cache_dtype, blocked_ids=self.blocked_ids)
         out = jax.device_get(out)
         n = tokens_bp.shape[0] if n_rows is None else n_rows
         return {k: np.asarray(v)[:n] for k, v in out.items()}
