@@ -141,6 +141,27 @@ def cmd_compile(args):
         sys.exit(1)
 
 
+def cmd_score(args):
+    from alignjax import sharding as shd
+    from alignjax.data.tokenizer import load_tokenizer
+    from alignjax.model.store import load_model
+    from alignjax.train.reward import score_texts
+    if len(args.prompt) != len(args.response):
+        raise SystemExit("alignjax: error: give one --response per --prompt")
+    model = load_model(args.model, shd.make_mesh(parse_mesh(args.mesh)), head="scalar")
+    if model.tokenizer_dir is None:
+        raise SystemExit(f"alignjax: error: {args.model}: no tokenizer stored with the model")
+    tok = load_tokenizer(model.tokenizer_dir)
+    rewards = score_texts(model, tok, args.prompt, args.response, seq_len=args.max_length,
+                          chat_template=not args.no_chat_template)
+    if args.json:
+        print(json.dumps([{"prompt": p, "response": r, "reward": float(x)}
+                          for p, r, x in zip(args.prompt, args.response, rewards)], indent=2))
+    else:
+        for x in rewards:
+            print(f"{float(x):.6f}")
+
+
 def cmd_bench(args):
     from alignjax import bench
     result = bench.run(args.what, preset=args.preset, hf_config=args.hf_config, batch=args.batch,
@@ -215,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]")
     p.add_argument("--topology", required=True, help="Cloud TPU name, e.g. v5p-64, v5e-256, v6e-8")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("score", help="print the reward of (prompt, response) pairs",
+                       description="Scores each --prompt/--response pair with a reward model "
+                                   "(alignjax model dir, training workdir or HF "
+                                   "LlamaForSequenceClassification), formatted as in training.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--response", action="append", required=True)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="plain prompt + response text instead of the tokenizer's chat template")
+    p.add_argument("--json", action="store_true")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("bench", help="tokens/s of alignjax vs transformers (PyTorch)")
     p.add_argument("what", choices=("forward", "generate"))

@@ -292,7 +292,7 @@ _NON_NEGATIVE = (lambda v: _is_num(v) and v >= 0, "must be a number >= 0")
 _BETA = (lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
 # key -> (predicate, what to do); checked for every SFT config.
 _SFT_CHECKS = {
-    "algorithm": _one_of("sft"),
+    "algorithm": _one_of("sft", "reward", "dpo"),
     "model.dtype": _one_of(*DTYPES), "model.param_dtype": _one_of(*DTYPES),
     "model.remat_policy": _one_of(*REMAT_POLICIES),
     "data.train": (lambda v: isinstance(v, str) and v.strip() != "",
@@ -474,6 +474,20 @@ def expand_sweep(path: str) -> tuple[str, list[tuple[str, list[str]]]]:
     return base, out
 
 
+def load_config_module(path: str):
+    """A config file as a module (config files build on each other: reward.py starts from sft.py)."""
+    return _load_module(path, "config")
+
+
 def validate_config(config: ConfigDict, num_devices: int) -> None:
     """Validation before any compile, for the config's algorithm (all share the SFT schema's core)."""
     validate_sft_config(config, num_devices)
+    if config.algorithm == "dpo":
+        from alignjax.train.dpo import data_kind, hparams
+        data_kind(config.dpo.loss_type)
+        if config.dpo.reference not in ("colocated", "precomputed"):
+            raise ConfigError(f"dpo.reference={config.dpo.reference!r}: use 'colocated' or 'precomputed'")
+        try:
+            hparams(config.dpo)
+        except ValueError as e:
+            raise ConfigError(f"dpo: {e}") from None

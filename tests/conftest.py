@@ -2,7 +2,13 @@
 that trains or loads (tokenizers, tiny models)."""
 from __future__ import annotations
 
-import pytest
+import os
+
+# Before jax is imported anywhere: 8 fake CPU devices so meshes are real (the Makefile sets these too).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +25,17 @@ def spm_tokenizer(tmp_path_factory):
     from alignjax.data.tokenizer import train_sentencepiece_tokenizer
 
     return train_sentencepiece_tokenizer(vocab_size=512, out_dir=tmp_path_factory.mktemp("spm"))
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory):
+    """The toy-suite SFT model of the demo (configs/sft.py:tiny), trained once per session.
+
+    Returns (workdir, final metrics); reward-model and DPO tests start from it.
+    """
+    from alignjax.cli import run_training
+    from alignjax.config import load_config
+
+    workdir = tmp_path_factory.mktemp("sft_tiny")
+    out = run_training(load_config("configs/sft.py:tiny", ["train.log_every=50"]), str(workdir))
+    return workdir, out

@@ -159,7 +159,8 @@ def test_toy_pairs_contract(tmp_path, bpe_tokenizer):
                              ("tokens", "positions", "segment_ids", "targets")},
                           "loss_mask": ((4, 2, T), "float32"), "valid": ((4, 2), "bool"),
                           "scores": ((4, 2), "float32"), "margin": ((4,), "float32"),
-                          "label": ((4,), "float32"), "example_valid": ((4,), "bool")}
+                          "label": ((4,), "float32"), "example_valid": ((4,), "bool"),
+                          "index": ((4,), "int32")}
         for i in np.flatnonzero(batch["example_valid"]):
             m = batch["loss_mask"][i, 0] > 0
             text = tok.decode(batch["targets"][i, 0][m], skip_special_tokens=True)

@@ -138,6 +138,7 @@ class _FormatIndex:
             self.stats.count(_STATUS_FIELD[status], location)
         if ex is not None:
             self.stats.count("examples", location)
+            ex = dataclasses.replace(ex, index=index)
         return ex
 
 
@@ -175,7 +176,8 @@ class _Collate:
                          "scores": np.zeros((self.b, self.k), np.float32),
                          "margin": np.zeros(self.b, np.float32),
                          "label": np.zeros(self.b, np.float32),
-                         "example_valid": np.zeros(self.b, bool)}
+                         "example_valid": np.zeros(self.b, bool),
+                         "index": np.full(self.b, -1, np.int32)}
         for i, ex in enumerate(examples):
             slots = []
             if ex.responses:
@@ -184,7 +186,7 @@ class _Collate:
                 out["valid"][i, :len(slots)] = True
                 out["scores"][i, :len(ex.scores)] = ex.scores
                 out["margin"][i], out["label"][i] = ex.margin, ex.label
-                out["example_valid"][i] = True
+                out["example_valid"][i], out["index"][i] = True, ex.index
             rows += [_row(ex.prompt, r, self.t, self.pad_id) for r in slots]
             rows += [empty] * (self.k - len(slots))
         for key in packing.ROW_KEYS:

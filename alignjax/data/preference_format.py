@@ -57,6 +57,7 @@ class PrefExample:
     label: float = 0.0  # KTO: 1.0 desirable, 0.0 undesirable
     n_keep: int = 0  # leading special tokens (BOS) that left truncation keeps
     dropped_responses: int = 0  # ranked: responses beyond num_responses (lowest scores)
+    index: int = -1  # global record index (precomputed reference log-probs are looked up by it)
 
 
 def split_shared_prefix(chosen: str | list, rejected: str | list) -> tuple[Any, Any, Any]:

@@ -137,7 +137,6 @@ def evaluate(eval_fn, params, algo: Algorithm, run: Run, config) -> dict:
     for i, local in enumerate(algo.eval_iterator()):
         if limit and i >= limit:
             break
-        local = {k: v for k, v in local.items() if k != "valid"}
         sums = jax.device_get(eval_fn(params, to_global(local, run.mesh, run.rules), *algo.frozen))
         total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
     if total is None:

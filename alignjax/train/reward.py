@@ -1,0 +1,104 @@
+"""Reward model training (ALGORITHMS.md section 2): Llama backbone + scalar head, Bradley-Terry.
+
+The reward is read at the last non-pad token of prompt+response (the EOS). After training, the
+mean and std of rewards on the eval pairs are stored with the model (`reward_stats`) so PPO can
+normalise rewards; the model exports to HF as LlamaForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignjax.losses.reward import bradley_terry_loss
+from alignjax.train.grouped import example_weights, means_to_sums, sequence_rewards, sums_to_means
+
+
+def make_sums_fn(module, center_coef: float = 0.0):
+    def sums_fn(params, batch):
+        r_bk = sequence_rewards(module, params, batch)
+        w = example_weights(batch)
+        loss, m = bradley_terry_loss(r_bk[:, 0], r_bk[:, 1], batch.get("margin"), center_coef, w)
+        m = {k: v for k, v in m.items() if k not in ("loss", "reward_min", "reward_max")}
+        # Sums of rewards and squares give the reward mean/std over any number of micro-batches.
+        r_valid = r_bk * w[:, None]
+        m_sums = means_to_sums(loss, m, jnp.sum(w))
+        return m_sums[0], {**m_sums[1], "reward_sum": jnp.sum(r_valid),
+                           "reward_sq_sum": jnp.sum(r_valid * r_bk)}
+    return sums_fn
+
+
+def metrics(sums) -> dict:
+    out = sums_to_means({k: v for k, v in sums.items() if k not in ("reward_sum", "reward_sq_sum")})
+    n = 2 * jnp.maximum(sums["count"], 1.0)
+    mean = sums["reward_sum"] / n
+    out["reward_std"] = jnp.sqrt(jnp.maximum(sums["reward_sq_sum"] / n - mean**2, 0.0))
+    return out
+
+
+def build(config, workdir: str, run):
+    from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
+    from alignjax.train.loop import Algorithm
+    from alignjax.train.setup import data_sources
+
+    d, t = config.data, config.train
+    pc, pi = jax.process_count(), jax.process_index()
+    train_iter = make_preference_iterator(
+        data_sources(d.train, workdir, "train", "preference"), run.tokenizer, d, kind="pair",
+        seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len),
+        process_index=pi, process_count=pc)
+    eval_sources = data_sources(d.eval, workdir, "eval", "preference") if d.eval else None
+
+    def eval_iter():
+        return make_preference_eval_iterator(
+            eval_sources, run.tokenizer, d, kind="pair",
+            batch_size=int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // pc,
+            seq_len=int(d.seq_len), process_index=pi, process_count=pc)
+
+    return Algorithm("reward", make_sums_fn(run.module, float(config.reward.center_coef)), metrics,
+                     train_iter, eval_iter if eval_sources else None)
+
+
+def train(config, workdir: str) -> dict:
+    from alignjax.train.loop import train_loop
+    from alignjax.train.setup import build_run
+    run = build_run(config, workdir, head="scalar")
+    out = train_loop(config, workdir, run, build(config, workdir, run))
+    m = out["metrics"]
+    if "eval/reward_std" in m:  # statistics PPO uses to normalise this reward model's scores
+        store_reward_stats(workdir, {"mean": m["eval/reward_mean"], "std": m["eval/reward_std"],
+                                     "source": "eval pairs"})
+    return out
+
+
+def store_reward_stats(workdir: str, stats: dict):
+    from alignjax.model.store import MODEL_FILE
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, MODEL_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    meta["reward_stats"] = stats
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def score_texts(model, tokenizer, prompts, responses, seq_len: int = 1024,
+                chat_template: bool = True) -> np.ndarray:
+    """Rewards for (prompt, response) pairs, formatted as in training (chat template by default)."""
+    from alignjax import sharding as shd
+    from alignjax.data.preference import format_pair_batch
+    batch = format_pair_batch(tokenizer, prompts, responses, seq_len, {"chat_template": chat_template})
+    batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")}
+    n = batch["tokens"].shape[0]
+    pad = (-n) % shd._axis_size(model.mesh, dict(model.rules).get("batch"))
+    if pad:  # fill the batch up to a multiple of the data-parallel size with copies
+        batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+    fn = jax.jit(lambda p, b: sequence_rewards(model.module, p, b))
+    with shd.mesh_context(model.mesh, model.rules):
+        r = fn(model.params, shd.shard_batch(batch, model.mesh, model.rules))
+    return np.asarray(r)[:n, 0]

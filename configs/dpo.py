@@ -1,0 +1,43 @@
+"""Preference optimisation config: DPO and its family, SimPO/ORPO/SLiC, RRHF/PRO, KTO.
+
+    alignjax train --config configs/dpo.py:tiny --workdir runs/dpo --config.model.init_from=runs/sft
+    alignjax train ... --config.dpo.loss_type=ipo
+    alignjax train ... --config.dpo.loss_type='[("dpo", 1.0), ("sft", 1.0)]'   # RPO
+    alignjax train ... --config.dpo.loss_type=rrhf                             # ranked data
+
+`dpo.reference`: "colocated" keeps the frozen reference (the init_from model, in dpo.ref_dtype)
+on the same mesh; "precomputed" computes its log-probs once before training and frees it.
+"""
+
+import os
+
+from alignjax.config import load_config_module
+
+_sft = load_config_module(os.path.join(os.path.dirname(__file__), "sft.py"))
+PRESETS = _sft.PRESETS
+DEFAULT_PRESET = "tiny"
+
+
+def get_config(preset: str | None = None):
+    preset = preset or DEFAULT_PRESET
+    c = _sft.get_config(preset)
+    c.algorithm = "dpo"
+    c.dpo = dict(
+        loss_type="dpo",          # a name, or a list of (name, weight) pairs
+        reference="colocated",    # colocated | precomputed
+        ref_dtype="bfloat16" if preset not in ("tiny", "small") else "float32",
+        beta=0.1, label_smoothing=0.0, exo_eps=1e-3, discopop_tau=0.05,
+        simpo_gamma=0.5, orpo_lambda=0.1, slic_delta=1.0, slic_lambda=0.1,
+        rrhf_sft_weight=1.0, pro_use_scores=True,
+        desirable_weight=1.0, undesirable_weight=1.0,
+    )
+    c.data.packing = "pad"
+    c.data.num_responses = 4  # ranked losses: responses per prompt (K)
+    if preset in ("tiny", "small"):
+        c.optimizer.update(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
+        c.train.update(steps=150, batch_size=32, log_every=10, eval_every=50, eval_batches=8)
+        c.checkpoint.every = 50
+    else:
+        c.optimizer.update(lr=5e-7, warmup_steps=30)
+        c.train.update(steps=1000, batch_size=64)
+    return c

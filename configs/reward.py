@@ -1,0 +1,33 @@
+"""Reward model (Bradley-Terry) config: a Llama backbone + scalar head on preference pairs.
+
+    alignjax train --config configs/reward.py:tiny --workdir runs/rm \
+        --config.model.init_from=runs/sft        # start from the SFT model (recommended)
+
+Presets: tiny (toy suite, CPU) and the SFT presets' architectures (llama2_7b, llama3_8b,
+llama3_70b). Data: pairs {prompt, chosen, rejected[, margin]} (strings or message lists) or
+HH-RLHF style {chosen, rejected} transcripts.
+"""
+
+import os
+
+from alignjax.config import load_config_module
+
+_sft = load_config_module(os.path.join(os.path.dirname(__file__), "sft.py"))
+PRESETS = _sft.PRESETS
+DEFAULT_PRESET = "tiny"
+
+
+def get_config(preset: str | None = None):
+    c = _sft.get_config(preset or DEFAULT_PRESET)
+    c.algorithm = "reward"
+    c.reward = dict(center_coef=0.0)  # c of c*(r_w + r_l)^2; 0.01 when rewards drift
+    c.data.format = "auto"
+    c.data.packing = "pad"  # one sequence per row: the reward is read at its last token
+    c.optimizer.update(lr=c.optimizer.lr / 2, warmup_steps=min(c.optimizer.warmup_steps, 20))
+    if (preset or DEFAULT_PRESET) in ("tiny", "small"):
+        c.optimizer.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)
+        c.train.update(steps=200, batch_size=32, log_every=20, eval_every=100, eval_batches=8)
+        c.checkpoint.every = 100
+    else:
+        c.train.update(steps=500, batch_size=64)
+    return c

@@ -1,0 +1,14 @@
+"""The demo's claims, asserted: the toy SFT model learns (held-out checker accuracy >= 90%)."""
+
+from alignjax.eval.toy import toy_accuracy
+from alignjax.model.store import load_model
+
+
+def test_sft_reaches_90_percent_checker_accuracy(sft_run):
+    workdir, out = sft_run
+    model = load_model(str(workdir))  # the workdir itself: latest checkpoint's params
+    from alignjax.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(workdir / "tokenizer"))
+    result = toy_accuracy(model.module, model.params, model.mesh, model.rules, tok, n=200)
+    assert result["accuracy"] >= 0.90, result
+    assert out["metrics"]["eval/loss"] < 0.5
