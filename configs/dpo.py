@@ -39,5 +39,8 @@ def get_config(preset: str | None = None):
         c.checkpoint.every = 50
     else:
         c.optimizer.update(lr=5e-7, warmup_steps=30)
-        c.train.update(steps=1000, batch_size=64)
+        c.train.update(steps=1000, batch_size=64, grad_accum_steps=2)
+        # Pairs are two sequences each: 2048 tokens and 2 micro-batches keep 7B/8B within
+        # v5p HBM next to the reference (check: alignjax compile --topology v5p-64).
+        c.data.seq_len = 2048
     return c

@@ -29,5 +29,8 @@ def get_config(preset: str | None = None):
         c.train.update(steps=200, batch_size=32, log_every=20, eval_every=100, eval_batches=8)
         c.checkpoint.every = 100
     else:
-        c.train.update(steps=500, batch_size=64)
+        c.train.update(steps=500, batch_size=64, grad_accum_steps=2)
+        # Pairs are two sequences each: 2048 tokens and 2 micro-batches keep 7B/8B within
+        # v5p HBM next to the reference (check: alignjax compile --topology v5p-64).
+        c.data.seq_len = 2048
     return c

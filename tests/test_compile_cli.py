@@ -24,3 +24,14 @@ def test_oversized_does_not_fit(capsys):
                   "--config.data.seq_len=512"])
     assert e.value.code == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_dpo_with_colocated_reference_fits_v5p_64(capsys):
+    cli_main(["compile", "--config", "configs/dpo.py:llama2_7b", "--topology", "v5p-64"])
+    out = capsys.readouterr().out
+    assert "FITS" in out and "DOES NOT FIT" not in out
+
+
+def test_reward_step_compiles(capsys):
+    cli_main(["compile", "--config", "configs/reward.py:tiny", "--topology", "v5p-8"])
+    assert "FITS" in capsys.readouterr().out

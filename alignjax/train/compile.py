@@ -67,3 +67,42 @@ def compile_train_step(config, topology: str):
                                   in_shardings=(state_sh, batch_sh) + frozen_sh,
                                   out_shardings=(state_sh, NamedSharding(mesh, P())),
                                   spec=spec, donate_argnums=(0,))
+
+
+def grouped_batch(batch: int, k: int, seq_len: int) -> dict:
+    """Abstract preference batch [B, K, T] (see alignjax.data.preference)."""
+    seq = {key: jax.ShapeDtypeStruct((batch, k, seq_len), jnp.int32)
+           for key in ("tokens", "positions", "segment_ids", "targets")}
+    return seq | {"loss_mask": jax.ShapeDtypeStruct((batch, k, seq_len), jnp.float32),
+                  "valid": jax.ShapeDtypeStruct((batch, k), jnp.bool_),
+                  "scores": jax.ShapeDtypeStruct((batch, k), jnp.float32),
+                  "margin": jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  "label": jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  "example_valid": jax.ShapeDtypeStruct((batch,), jnp.bool_)}
+
+
+@register("reward")
+def _reward(config, module, mesh, rules_):
+    from alignjax.train import reward
+    batch = grouped_batch(int(config.train.batch_size), 2, int(config.data.seq_len))
+    return reward.make_sums_fn(module, float(config.reward.center_coef)), reward.metrics, batch, ()
+
+
+@register("dpo")
+def _dpo(config, module, mesh, rules_):
+    """The DPO step with its colocated reference (frozen params in dpo.ref_dtype) as an argument."""
+    from alignjax.model.params import abstract_params
+    from alignjax.train import dpo
+    kind = dpo.data_kind(config.dpo.loss_type)
+    k = int(config.data.get("num_responses", 4)) if kind == "ranked" else 2
+    batch = grouped_batch(int(config.train.batch_size), k, int(config.data.seq_len))
+    ref_module, frozen = None, ()
+    precomputed = config.dpo.reference == "precomputed"
+    if dpo.needs_reference(config.dpo.loss_type):
+        ref_cfg = module.config.replace(dtype=config.dpo.ref_dtype, param_dtype=config.dpo.ref_dtype)
+        ref_module = build_module(ref_cfg)
+        if precomputed:
+            batch["ref_logps"] = jax.ShapeDtypeStruct((int(config.train.batch_size), k), jnp.float32)
+        else:
+            frozen = (abstract_params(ref_module, mesh, rules_)[0],)
+    return dpo.make_sums_fn(module, ref_module, config.dpo, precomputed), dpo.metrics, batch, frozen

@@ -1,0 +1,115 @@
+"""Reward models and the DPO family, end to end on the toy suite, plus the reference modes."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from alignjax.cli import main as cli_main, run_training
+from alignjax.config import load_config
+from alignjax.model.store import load_model
+
+
+def _train(spec, workdir, init_from, overrides=()):
+    config = load_config(spec, [f"model.init_from={init_from}", "tokenizer.path=",
+                                "train.log_every=25", *overrides])
+    return run_training(config, str(workdir))["metrics"]
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rm")
+    return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0])
+
+
+def test_reward_model_reaches_90_percent(reward_run):
+    _, metrics = reward_run
+    assert metrics["eval/accuracy"] >= 0.90, metrics
+    assert metrics["eval/num_examples"] == 200
+
+
+def test_exported_reward_model_scores_like_alignjax(reward_run, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from alignjax.data.preference import format_pair_batch
+    workdir, _ = reward_run
+    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "hf")])
+    prompts = ["sort: 3 1 2", "sort: 3 1 2", "reverse: cat dog", "uppercase: red fox"]
+    responses = ["1 2 3", "1 3 2", "dog cat", "RED FOX"]
+    cli_main(["score", "--model", str(workdir), "--json"]
+             + sum((["--prompt", p, "--response", r] for p, r in zip(prompts, responses)), []))
+    import json
+    ours = np.array([x["reward"] for x in json.loads(capsys.readouterr().out)])
+    assert ours[0] > ours[1]  # the correct sort beats the wrong one
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    batch = format_pair_batch(tok, prompts, responses, 64)
+    ids = torch.tensor(batch["tokens"][:, 0].astype(np.int64))
+    mask = torch.tensor(batch["segment_ids"][:, 0] > 0).long()
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=mask).logits[:, 0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    stats = json.load(open(workdir / "alignjax_model.json"))["reward_stats"]
+    assert stats["std"] > 0
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dpo")
+    return workdir, _train("configs/dpo.py:tiny", workdir, sft_run[0])
+
+
+def test_dpo_learns_preferences_and_improves_answers(sft_run, dpo_run):
+    from alignjax.data.tokenizer import load_tokenizer
+    from alignjax.eval.toy import toy_accuracy
+    workdir, metrics = dpo_run
+    assert metrics["eval/rewards/accuracies"] >= 0.90, metrics
+    tok = load_tokenizer(str(workdir / "tokenizer"))
+    accuracy = {}
+    for name, path in (("sft", sft_run[0]), ("dpo", workdir)):
+        m = load_model(str(path))
+        accuracy[name] = toy_accuracy(m.module, m.params, m.mesh, m.rules, tok, n=200)["accuracy"]
+    assert accuracy["dpo"] > accuracy["sft"], accuracy
+
+
+@pytest.mark.parametrize("loss_type", ["slic", "rrhf"])
+def test_slic_and_ranking_losses_reach_85_percent(sft_run, tmp_path, loss_type):
+    metrics = _train("configs/dpo.py:tiny", tmp_path, sft_run[0],
+                     [f"dpo.loss_type={loss_type}", "train.steps=60", "train.eval_every=0"])
+    assert metrics["eval/rewards/accuracies"] >= 0.85, metrics
+
+
+def test_precomputed_reference_equals_colocated_and_frees_it(sft_run, tmp_path):
+    """Same losses on the same batch, and no reference weights left on the devices."""
+    from alignjax import sharding as shd
+    from alignjax.train import dpo
+    from alignjax.train.loop import to_global
+    from alignjax.train.setup import build_run, initial_params
+
+    def setup(mode, workdir):
+        config = load_config("configs/dpo.py:tiny", [f"model.init_from={sft_run[0]}", "tokenizer.path=",
+                                                     f"dpo.reference={mode}", "data.eval="])
+        run = build_run(config, str(workdir))
+        before = {id(x) for x in jax.live_arrays()}
+        algo = dpo.build(config, str(workdir), run)
+        new_bytes = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
+        return config, run, algo, new_bytes
+
+    cfg, run, colocated, colocated_bytes = setup("colocated", tmp_path / "c")
+    _, _, precomputed, precomputed_bytes = setup("precomputed", tmp_path / "p")
+    n_params = run.model_config.num_params()
+    assert precomputed.frozen == () and len(colocated.frozen) == 1
+    assert colocated_bytes >= 4 * n_params > precomputed_bytes  # float32 reference on device or not
+    params = initial_params(cfg, run.module, run.mesh, run.rules)
+    # Perturb the policy so it differs from the reference (else every log-ratio is 0).
+    params = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    batch_p = next(precomputed.train_iterator)
+    batch_c = next(colocated.train_iterator)
+    batch_c.pop("index")
+    np.testing.assert_array_equal(batch_p["tokens"], batch_c["tokens"])  # same data order
+    with shd.mesh_context(run.mesh, run.rules):
+        loss_c, sums_c = jax.jit(colocated.sums_fn)(params, to_global(batch_c, run.mesh, run.rules),
+                                                    *colocated.frozen)
+        loss_p, sums_p = jax.jit(precomputed.sums_fn)(params, to_global(batch_p, run.mesh, run.rules))
+    np.testing.assert_allclose(loss_p, loss_c, atol=1e-5, rtol=1e-5)
+    for k in sums_c:
+        np.testing.assert_allclose(sums_p[k], sums_c[k], atol=1e-4, rtol=1e-5, err_msg=k)
