@@ -2,7 +2,9 @@
 
     1. SFT of a small Llama from scratch on the toy instructions (progress bar, metrics.jsonl, tb/)
     2. checker accuracy of greedy answers on held-out prompts, before and after, with samples
-    3. export to Hugging Face format and a generation with transformers from the exported directory
+    3. a reward model (Bradley-Terry) from the SFT model on the toy preference pairs
+    4. DPO from the SFT model on the same pairs: implicit-reward accuracy, checker accuracy
+    5. export to Hugging Face format and generation / scoring with transformers
 
 Every stage writes to WORKDIR so the results can be inspected (and TensorBoard pointed at it).
 """
@@ -53,11 +55,34 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     _show_samples(after["samples"])
     results["sft"] = {"before": before["accuracy"], "after": after["accuracy"]}
 
-    _banner("3/3  Export to Hugging Face and generate with transformers")
-    results["hf_generation_matches"] = _export_and_generate(sft_dir, os.path.join(workdir, "hf_sft"),
-                                                            after["samples"])
+    _banner("3/5  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
+    rm_dir = os.path.join(workdir, "reward")
+    from_sft = [f"model.init_from={sft_dir}", "tokenizer.path="]
+    rm = run_training(load_config("configs/reward.py:tiny", from_sft), rm_dir)["metrics"]
+    print(f"reward model: held-out pairwise accuracy {rm['eval/accuracy']:.1%} "
+          f"(margin {rm['eval/margin']:.2f})")
+    results["reward_accuracy"] = rm["eval/accuracy"]
+
+    _banner("4/5  DPO from the SFT model on the same pairs")
+    dpo_dir = os.path.join(workdir, "dpo")
+    dpo_cfg = load_config("configs/dpo.py:tiny", from_sft)
+    print(f"loss: {dpo_cfg.dpo.loss_type}, beta {dpo_cfg.dpo.beta}, reference {dpo_cfg.dpo.reference}")
+    dpo = run_training(dpo_cfg, dpo_dir)
+    dpo_acc = toy_accuracy(run_.module, dpo["state"]["params"], run_.mesh, run_.rules, run_.tokenizer,
+                           n=eval_n)
+    print(f"implicit-reward accuracy on held-out pairs: {dpo['metrics']['eval/rewards/accuracies']:.1%}")
+    print(f"checker accuracy of greedy answers: SFT {after['accuracy']:.1%} -> DPO {dpo_acc['accuracy']:.1%}")
+    _show_samples(dpo_acc["samples"])
+    results["dpo"] = {"implicit_accuracy": dpo["metrics"]["eval/rewards/accuracies"],
+                      "checker_accuracy": dpo_acc["accuracy"]}
+
+    _banner("5/5  Export to Hugging Face; generate and score with transformers")
+    results["hf_generation_matches"] = _export_and_generate(dpo_dir, os.path.join(workdir, "hf_dpo"),
+                                                            dpo_acc["samples"])
+    results["hf_reward_matches"] = _export_and_score(rm_dir, os.path.join(workdir, "hf_reward"))
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {workdir}/")
     print(f"  TensorBoard: tensorboard --logdir {workdir}")
+    print(f"  summary: {results}")
     return results
 
 
@@ -82,6 +107,31 @@ def _export_and_generate(model_dir: str, hf_dir: str, samples) -> bool:
         all_match &= match
         print(f"  transformers: {prompt!r:40} -> {text!r}  ({'same as alignjax' if match else 'DIFFERS'})")
     return all_match
+
+
+def _export_and_score(model_dir: str, hf_dir: str) -> bool:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from alignjax.data.preference import format_pair_batch
+    from alignjax.data.tokenizer import load_tokenizer
+    from alignjax.model.store import export_hf, load_model
+    from alignjax.train.reward import score_texts
+
+    model = load_model(model_dir)
+    export_hf(model, hf_dir)
+    prompts = ["sort: 7 3 5", "sort: 7 3 5", "reverse: cat dog fox", "reverse: cat dog fox"]
+    responses = ["3 5 7", "3 7 5", "fox dog cat", "fox cat dog"]
+    ours = score_texts(model, load_tokenizer(model.tokenizer_dir), prompts, responses, seq_len=64)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+    batch = format_pair_batch(tok, prompts, responses, 64)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(batch["tokens"][:, 0].astype(np.int64)),
+                    attention_mask=torch.tensor(batch["segment_ids"][:, 0] > 0).long()).logits[:, 0].numpy()
+    for p, r, a, b in zip(prompts, responses, ours, theirs):
+        print(f"  reward {p!r:24} {r!r:14} alignjax {a:+.4f}   transformers {b:+.4f}")
+    return bool(np.allclose(ours, theirs, atol=1e-4))
 
 
 def main(argv=None):

@@ -2,7 +2,7 @@
 
     alignjax train --config configs/dpo.py:tiny --workdir runs/dpo --config.model.init_from=runs/sft
     alignjax train ... --config.dpo.loss_type=ipo
-    alignjax train ... --config.dpo.loss_type='[("dpo", 1.0), ("sft", 1.0)]'   # RPO
+    alignjax train ... --config.dpo.loss_type=dpo+sft                          # RPO
     alignjax train ... --config.dpo.loss_type=rrhf                             # ranked data
 
 `dpo.reference`: "colocated" keeps the frozen reference (the init_from model, in dpo.ref_dtype)
@@ -23,7 +23,7 @@ def get_config(preset: str | None = None):
     c = _sft.get_config(preset)
     c.algorithm = "dpo"
     c.dpo = dict(
-        loss_type="dpo",          # a name, or a list of (name, weight) pairs
+        loss_type="dpo",          # a name, or a weighted sum such as "dpo+sft" or "dpo:1.0+sft:0.5"
         reference="colocated",    # colocated | precomputed
         ref_dtype="bfloat16" if preset not in ("tiny", "small") else "float32",
         beta=0.1, label_smoothing=0.0, exo_eps=1e-3, discopop_tau=0.05,
@@ -34,7 +34,10 @@ def get_config(preset: str | None = None):
     c.data.packing = "pad"
     c.data.num_responses = 4  # ranked losses: responses per prompt (K)
     if preset in ("tiny", "small"):
-        c.optimizer.update(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
+        # RPO (DPO + the SFT term on the chosen answer): on the toy suite plain DPO lowers the
+        # chosen log-probs and greedy checker accuracy drops (measured 96% -> 83%); RPO keeps it.
+        c.dpo.loss_type = "dpo+sft"
+        c.optimizer.update(lr=2e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
         c.train.update(steps=150, batch_size=32, log_every=10, eval_every=50, eval_batches=8)
         c.checkpoint.every = 50
     else:

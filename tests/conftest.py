@@ -3,6 +3,7 @@ that trains or loads (tokenizers, tiny models)."""
 from __future__ import annotations
 
 import os
+import pathlib
 
 # Before jax is imported anywhere: 8 fake CPU devices so meshes are real (the Makefile sets these too).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -36,6 +37,7 @@ def sft_run(tmp_path_factory):
     from alignjax.cli import run_training
     from alignjax.config import load_config
 
-    workdir = tmp_path_factory.mktemp("sft_tiny")
+    reuse = os.environ.get("ALIGNJAX_TEST_SFT_WORKDIR")  # developers: skip the ~5 min SFT run
+    workdir = pathlib.Path(reuse) if reuse else tmp_path_factory.mktemp("sft_tiny")
     out = run_training(load_config("configs/sft.py:tiny", ["train.log_every=50"]), str(workdir))
     return workdir, out

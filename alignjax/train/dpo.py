@@ -1,6 +1,7 @@
 """Preference optimisation (ALGORITHMS.md sections 3-4): the DPO family, RRHF/PRO and KTO.
 
-`dpo.loss_type` is a name or a weighted list such as [("dpo", 1.0), ("sft", 1.0)] (RPO). Pairwise
+`dpo.loss_type` is a name or a weighted sum: "dpo+sft" (RPO), "dpo:1.0+sft:0.5", or a list of
+(name, weight) pairs. Pairwise
 losses read pairs, `rrhf`/`pro` read ranked groups, `kto` reads unpaired labelled examples.
 
 The reference model is either colocated (frozen params on the same mesh, in `dpo.ref_dtype`,
@@ -27,8 +28,24 @@ REF_FILE = "reference_logps.npy"
 
 
 def loss_terms(loss_type) -> list[tuple[str, float]]:
-    if isinstance(loss_type, str):
-        return [(loss_type, 1.0)]
+    """A name, a list of (name, weight) pairs, or that list written as a string (CLI overrides)."""
+    if isinstance(loss_type, str) and loss_type.strip().startswith(("[", "(")):
+        import ast
+        try:
+            loss_type = ast.literal_eval(loss_type)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"dpo.loss_type={loss_type!r}: write a list such as "
+                              "[('dpo', 1.0), ('sft', 1.0)]") from None
+    if isinstance(loss_type, str):  # "dpo", or "dpo+sft", or "dpo:1.0+sft:0.5"
+        terms = []
+        for part in loss_type.split("+"):
+            name, _, weight = part.strip().partition(":")
+            try:
+                terms.append((name.strip(), float(weight) if weight else 1.0))
+            except ValueError:
+                raise ConfigError(f"dpo.loss_type={loss_type!r}: weights are numbers, e.g. "
+                                  "dpo:1.0+sft:0.5") from None
+        return terms
     return [(str(n), float(w)) for n, w in loss_type]
 
 
@@ -59,7 +76,7 @@ def hparams(dpo_cfg) -> PrefHParams:
 def make_sums_fn(module, ref_module, dpo_cfg, precomputed: bool):
     """sums_fn(params, batch[, ref_params]) for the shared train step."""
     terms = loss_terms(dpo_cfg.loss_type)
-    kind, hp = data_kind(dpo_cfg.loss_type), hparams(dpo_cfg)
+    kind, hp = data_kind(terms), hparams(dpo_cfg)
 
     def sums_fn(params, batch, *ref):
         logps, lens = sequence_logps(module, params, batch)
