@@ -180,16 +180,3 @@ def test_huge_batch_does_not_fit_and_donation_is_accounted():
     assert 16 * GiB < report.total_bytes_per_chip < 17 * GiB  # the compiler's figure
 
 
-@needs_libtpu
-@pytest.mark.slow
-def test_llama2_7b_forward_backward_on_v5p_64():
-    config = LlamaConfig(**aot.LLAMA2_7B)
-    report = aot.forward_backward_report(config, "v5p-64", {"fsdp": -1}, batch=32, seq_len=2048)
-    print("\n" + aot.format_report(report))
-    n_params = _n_params(config)
-    assert n_params == 6_738_415_616  # Llama-2-7B
-    assert report.num_devices == 32
-    assert report.argument_bytes == pytest.approx(4 * n_params / 32, rel=0.01)
-    tokens = 32 * 2048
-    assert 6 * n_params * tokens < report.flops_per_step < 9 * n_params * tokens
-    assert report.fits and report.total_bytes_per_chip < 10 * GiB

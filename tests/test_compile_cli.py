@@ -21,6 +21,7 @@ def test_oversized_does_not_fit(capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["compile", "--config", "configs/sft.py:llama2_7b", "--topology", "v5e-8",
                   "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.train.batch_size=8",
+                  "--config.train.grad_accum_steps=1",
                   "--config.data.seq_len=512"])
     assert e.value.code == 1
     assert "DOES NOT FIT" in capsys.readouterr().out

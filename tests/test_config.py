@@ -187,10 +187,10 @@ def test_seq_len_beyond_max_positions():
 
 def test_enum_and_range_errors_are_collected():
     msg = invalid(tiny("optimizer.schedule=cosin", "data.packing=packed", "optimizer.lr=0",
-                       "optimizer.warmup_steps=300", "data.format=chat",
+                       "optimizer.warmup_steps=600", "data.format=chat",
                        "data.truncation=left", "model.remat_policy=some"))
     for key in ("optimizer.schedule='cosin'", "cosine, linear, constant", "data.packing='packed'",
-                "optimizer.lr=0.0", "optimizer.warmup_steps=300", "train.steps=300",
+                "optimizer.lr=0.0", "optimizer.warmup_steps=600", "train.steps=600",
                 "data.format='chat'", "data.truncation='left'", "model.remat_policy='some'"):
         assert key in msg
 
@@ -228,7 +228,7 @@ def test_config_diff():
     a = tiny()
     b = tiny("optimizer.lr=1e-4", "model.rope_scaling={'rope_type': 'linear', 'factor': 2.0}")
     diff = config_diff(a, b)
-    assert diff["optimizer.lr"] == (2e-3, 1e-4)
+    assert diff["optimizer.lr"] == (3e-3, 1e-4)
     assert diff["model.rope_scaling"] == (None, MISSING)
     assert diff["model.rope_scaling.factor"] == (MISSING, 2.0)
     assert len(diff) == 4
@@ -238,7 +238,7 @@ def test_config_diff():
 def test_resume_refuses_architecture_change_and_reports_the_rest(tmp_path):
     save_config(tiny(), str(tmp_path))
     saved = load_saved_config(str(tmp_path))
-    assert check_resume_config(saved, tiny("train.steps=600")) == {"train.steps": (300, 600)}
+    assert check_resume_config(saved, tiny("train.steps=900")) == {"train.steps": (600, 900)}
     with pytest.raises(ConfigError, match=r"model\.hidden_size: 128 -> 256"):
         check_resume_config(saved, tiny("model.hidden_size=256"))
 

@@ -36,6 +36,7 @@ def test_exported_reward_model_scores_like_alignjax(reward_run, tmp_path, capsys
     cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "hf")])
     prompts = ["sort: 3 1 2", "sort: 3 1 2", "reverse: cat dog", "uppercase: red fox"]
     responses = ["1 2 3", "1 3 2", "dog cat", "RED FOX"]
+    capsys.readouterr()
     cli_main(["score", "--model", str(workdir), "--json"]
              + sum((["--prompt", p, "--response", r] for p, r in zip(prompts, responses)), []))
     import json
