@@ -294,7 +294,7 @@ _BETA = (lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
 _SFT_CHECKS = {
     "algorithm": _one_of("sft", "reward", "dpo"),
     "model.dtype": _one_of(*DTYPES), "model.param_dtype": _one_of(*DTYPES),
-    "model.remat_policy": _one_of(*REMAT_POLICIES),
+    "model.remat_policy": _one_of(*REMAT_POLICIES), "model.attention_impl": _one_of("xla", "flash"),
     "data.train": (lambda v: isinstance(v, str) and v.strip() != "",
                    "name at least one source (.jsonl, .parquet, dataset dir, hf://name or toy)"),
     "data.eval": (lambda v: isinstance(v, str), "must be a string ('' = no eval data)"),

@@ -38,7 +38,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     overrides = [f"train.steps={sft_steps}"] if sft_steps else []
     config = load_config("configs/sft.py:tiny", overrides)
 
-    _banner("1/3  SFT of a tiny Llama on the toy instruction suite (from scratch)")
+    _banner("1/5  SFT of a tiny Llama on the toy instruction suite (from scratch)")
     run_ = build_run(config, sft_dir)
     print(f"model: {run_.model_config.num_params():,} parameters, vocab {len(run_.tokenizer)}, "
           f"mesh {dict(run_.mesh.shape)} over {jax.device_count()} devices")
@@ -47,7 +47,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     print(f"checker accuracy before SFT (random weights): {before['accuracy']:.1%}")
     out = run_training(config, sft_dir)
 
-    _banner("2/3  Held-out checker accuracy of greedy answers")
+    _banner("2/5  Held-out checker accuracy of greedy answers")
     after = toy_accuracy(run_.module, out["state"]["params"], run_.mesh, run_.rules, run_.tokenizer,
                          n=eval_n)
     print(f"before SFT: {before['accuracy']:.1%}   after SFT: {after['accuracy']:.1%}   "

@@ -35,6 +35,7 @@ def base_config() -> ConfigDict:
     m.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
     m.param_dtype = "float32"  # master weights and optimizer state stay float32
     m.remat_policy = "full"  # none | full | dots | dots_with_no_batch_dims
+    m.attention_impl = "xla"  # xla | flash (Pallas TPU flash attention; seq_len a multiple of 128)
 
     c.tokenizer = ConfigDict()
     # "" = the tokenizer stored with model.init_from; "toy" = train a small one on the toy suite.

@@ -48,7 +48,7 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
-    attention_impl: str = "xla"  # xla | splash (TPU only)
+    attention_impl: str = "xla"  # xla | flash (Pallas TPU kernel when seq_len % 128 == 0; decode uses xla)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -76,8 +76,9 @@ class LlamaConfig:
         if self.remat_policy not in ("none", "full", "dots", "dots_with_no_batch_dims"):
             raise ConfigError(f"remat_policy={self.remat_policy!r}: use none, full, dots or "
                               "dots_with_no_batch_dims")
-        if self.attention_impl not in ("xla", "splash"):
-            raise ConfigError(f"attention_impl={self.attention_impl!r}: use 'xla' or 'splash' (TPU)")
+        if self.attention_impl not in ("xla", "flash"):
+            raise ConfigError(f"attention_impl={self.attention_impl!r}: use 'xla' (any backend) or "
+                              "'flash' (Pallas TPU flash attention)")
 
     @property
     def rope_scaling_dict(self) -> dict:

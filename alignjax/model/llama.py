@@ -95,6 +95,36 @@ CACHE_AXES = dict(k=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
                   segment_ids=("batch", "cache_length"), index=())
 
 
+def flash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt):
+    """Pallas TPU flash attention (causal, segment-masked), per device under shard_map.
+
+    Same result as the XLA path for every non-padding query: a token attends to earlier tokens of
+    its own segment only (padding is segment 0, which no real token shares). Key/value heads are
+    repeated for grouped-query attention. On CPU it runs in Pallas' TPU interpret mode (tests).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+    from jax.sharding import PartitionSpec as P
+    h, k, d = q_bthd.shape[2], k_btkd.shape[2], q_bthd.shape[3]
+    k_bthd, v_bthd = (jnp.repeat(x, h // k, axis=2) for x in (k_btkd, v_btkd))
+
+    def attend(q, k, v, seg):
+        q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # the kernel wants [B, H, T, D]
+        out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(seg, seg), causal=True,
+                                 sm_scale=1.0 / math.sqrt(d))
+        return out.swapaxes(1, 2)
+
+    segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q_bthd, k_bthd, v_bthd, segment_ids_bt)
+    # A Pallas call cannot be partitioned by XLA: run it on each device's shard explicitly.
+    rules = dict(nn.get_logical_axis_rules())
+    batch, heads = rules.get("batch"), rules.get("heads")
+    spec = P(batch, None, heads, None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+                         out_specs=spec, check_vma=False)(q_bthd, k_bthd, v_bthd, segment_ids_bt)
+
+
 # ---- modules ---------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -145,7 +175,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index):
+    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None):
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_bthd = _dense((h, d), ("embed",), ("heads", "head_dim"), c.attention_bias, c, "q")(x_bte)
@@ -162,6 +192,10 @@ class Attention(nn.Module):
             new_kv = (k_btkd, v_btkd)
 
         b, t = q_bthd.shape[:2]
+        # The kernel tiles the sequence in blocks of 128: other lengths (and decode) use XLA.
+        if c.attention_impl == "flash" and cache_kv is None and t % 128 == 0:
+            out_bthd = flash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt).astype(_dtype(c.dtype))
+            return _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o")(out_bthd), None
         q_btkgd = q_bthd.reshape(b, t, k, h // k, d)  # grouped-query: G query heads per kv head
         scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd.astype(q_btkgd.dtype))
         scores = scores.astype(jnp.float32) / math.sqrt(d)
@@ -189,11 +223,11 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bte, cache_kv, cos, sin, mask_bts, cache_index):
+    def __call__(self, x_bte, cache_kv, cos, sin, mask_bts, cache_index, segment_ids_bt):
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
         attn_out, new_kv = Attention(c, name="attn")(
-            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index)
+            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt)
         x_bte = x_bte + attn_out
         x_bte = x_bte + MLP(c, name="mlp")(norm(name="mlp_norm")(x_bte))
         return constrain(x_bte, ("batch", "length", None)), new_kv
@@ -245,9 +279,9 @@ class Llama(nn.Module):
         if c.remat_policy != "none":
             layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x_bte, new_kv = stack(c, name="layers")(x_bte, cache_kv, cos, sin, mask, index)
+        x_bte, new_kv = stack(c, name="layers")(x_bte, cache_kv, cos, sin, mask, index, segment_ids_bt)
 
         new_cache = None
         if cache is not None:

@@ -19,7 +19,7 @@ from alignjax.model.params import build_module, init_params
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
              "rope_theta", "rope_scaling", "tie_word_embeddings", "rms_norm_eps")
-RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy")
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def rules(config) -> tuple:
