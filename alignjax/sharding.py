@@ -100,7 +100,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> 
     return P(*spec)
 
 
-def _axis_size(mesh: Mesh, mesh_axes) -> int:
+def axis_size(mesh: Mesh, mesh_axes) -> int:
+    """Number of devices a logical rule's mesh axes (a name, a tuple or None) spans."""
     if mesh_axes is None:
         return 1
     if isinstance(mesh_axes, str):
@@ -114,7 +115,7 @@ def check_divisible(shape: Sequence[int], logical_axes: Sequence[str | None], me
     table = dict(rules)
     for dim, (size, name) in enumerate(zip(shape, logical_axes)):
         mesh_axes = table.get(name) if name else None
-        n = _axis_size(mesh, mesh_axes)
+        n = axis_size(mesh, mesh_axes)
         if size % n:
             axes = mesh_axes if isinstance(mesh_axes, str) else "*".join(mesh_axes)
             raise ShardingError(

@@ -137,6 +137,19 @@ def _check_args(tokenizer, batch_size: int, seq_len: int, process_index: int,
     return int(pad_id)
 
 
+def shard_records(source, *, seed: int, process_index: int, process_count: int, shuffle: bool,
+                  num_epochs: int | None) -> grain.MapDataset:
+    """Record indices this process reads: its slice [i::count] (before shuffling, so shards are
+    disjoint and cover the data), shuffled by seed, repeated with a new shuffle each epoch."""
+    records = grain.MapDataset.range(len(source))[process_index::process_count]
+    if len(records) == 0:
+        raise DataError(f"process {process_index}/{process_count} gets no records from "
+                        f"{len(source)} in {source!r}")
+    if shuffle:
+        records = records.shuffle(seed=seed)
+    return records.repeat(num_epochs)
+
+
 def _read_options(cfg) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=int(_get(cfg, "read_threads", 4)),
                              prefetch_buffer_size=int(_get(cfg, "prefetch", 64)))
@@ -158,13 +171,8 @@ def make_sft_dataset(
     formatter = SFTFormatter(tokenizer, FormatConfig.from_config(cfg))
     stats = SFTStats()
 
-    records = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(records) == 0:
-        raise DataError(f"process {process_index}/{process_count} gets no records from "
-                        f"{len(source)} in {source!r}")
-    if shuffle:
-        records = records.shuffle(seed=seed)
-    records = records.repeat(num_epochs)  # reshuffled with a new seed each epoch
+    records = shard_records(source, seed=seed, process_index=process_index,
+                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
     examples = (records.map(_TokenizeIndex(source, formatter, seq_len, pad_id, stats))
                 .filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))

@@ -54,7 +54,7 @@ import numpy as np
 
 from alignjax.data import packing
 from alignjax.data.formatting import TRUNCATIONS, Tokenized
-from alignjax.data.pipeline import _check_args, _get, _is_kept, _read_options
+from alignjax.data.pipeline import _check_args, _get, _is_kept, _read_options, shard_records
 from alignjax.data.preference_format import (InvalidRecord, PreferenceFormatter, PrefExample,
                                              fit_example)
 from alignjax.data.sources import DataError, open_sources, where
@@ -271,13 +271,9 @@ def make_preference_iterator(
                                                process_index, process_count)
     if num_epochs is not None and num_epochs <= 0:
         raise DataError(f"num_epochs must be positive or None (forever), got {num_epochs}")
-    records = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(records) == 0:
-        raise DataError(f"process {process_index}/{process_count} gets no records from "
-                        f"{len(source)} in {source!r}")
-    if shuffle:
-        records = records.shuffle(seed=seed)
-    examples = (records.repeat(num_epochs).map(fmt_index).filter(_is_kept)
+    records = shard_records(source, seed=seed, process_index=process_index,
+                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
+    examples = (records.map(fmt_index).filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))
     iterator = iter(examples.batch(batch_size, batch_fn=collate))
     iterator.pref_stats = stats

@@ -119,7 +119,7 @@ class Generator:
         self._jitted = jax.jit(
             _generate, static_argnums=(0,),
             static_argnames=("max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "blocked_ids"))
-        self.batch_multiple = shd._axis_size(mesh, dict(rules).get("batch"))
+        self.batch_multiple = shd.axis_size(mesh, dict(rules).get("batch"))
 
     def compile_count(self) -> int:
         return self._jitted._cache_size()

@@ -162,10 +162,11 @@ def copy_tokenizer_files(src: str, dst: str) -> list:
 def export_hf(model: LoadedModel, out_dir: str, dtype: str = "float32",
               max_shard_bytes: int = 2 * 1024**3) -> list:
     """Writes an HF directory transformers loads: sharded safetensors, index, config, tokenizer."""
+    import ml_dtypes
     import numpy as np
     from alignjax.convert.hf import save_hf_weights
     np_dtype = {"float32": np.float32, "float16": np.float16,
-                "bfloat16": np.dtype(__import__("ml_dtypes").bfloat16)}.get(dtype)
+                "bfloat16": np.dtype(ml_dtypes.bfloat16)}.get(dtype)
     if np_dtype is None:
         raise ConfigError(f"--dtype {dtype}: use bfloat16, float16 or float32")
     files = save_hf_weights(model.params, model.config, out_dir, model.head, np_dtype, max_shard_bytes)

@@ -125,7 +125,7 @@ def metrics(sums) -> dict:
 
 # ---- building the algorithm -------------------------------------------------------------------
 
-def _iterators(config, workdir, run, kind, eval_only=False):
+def _iterators(config, workdir, run, kind):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.train.setup import data_sources
     d, t = config.data, config.train
@@ -142,7 +142,7 @@ def _iterators(config, workdir, run, kind, eval_only=False):
     train_iter = make_preference_iterator(
         train_sources, run.tokenizer, d, kind=kind, seed=int(d.shuffle_seed),
         batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len), process_index=pi, process_count=pc)
-    return train_iter, (eval_iter if eval_sources else None), train_sources, eval_iter
+    return train_iter, (eval_iter if eval_sources else None), train_sources, eval_sources
 
 
 def reference_params(config, run, policy_params):
@@ -226,12 +226,7 @@ def build(config, workdir: str, run):
     from alignjax.train.setup import initial_params
     kind = data_kind(config.dpo.loss_type)
     mode = config.dpo.reference
-    train_iter, eval_iter, train_sources, _ = _iterators(config, workdir, run, kind)
-    eval_sources = None
-    if config.data.eval:
-        from alignjax.train.setup import data_sources
-        eval_sources = data_sources(config.data.eval, workdir, "eval",
-                                    {"pair": "preference", "ranked": "ranked", "kto": "kto"}[kind])
+    train_iter, eval_iter, train_sources, eval_sources = _iterators(config, workdir, run, kind)
     ref_module, frozen = None, ()
     if needs_reference(config.dpo.loss_type):
         # The reference is the model training starts from (re-read from model.init_from on resume).

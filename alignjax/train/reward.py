@@ -95,7 +95,7 @@ def score_texts(model, tokenizer, prompts, responses, seq_len: int = 1024,
     batch = format_pair_batch(tokenizer, prompts, responses, seq_len, {"chat_template": chat_template})
     batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")}
     n = batch["tokens"].shape[0]
-    pad = (-n) % shd._axis_size(model.mesh, dict(model.rules).get("batch"))
+    pad = (-n) % shd.axis_size(model.mesh, dict(model.rules).get("batch"))
     if pad:  # fill the batch up to a multiple of the data-parallel size with copies
         batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
     fn = jax.jit(lambda p, b: sequence_rewards(model.module, p, b))
