@@ -17,6 +17,10 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+$(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
@@ -24,7 +28,7 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	$(PY) -m alignjax.demo --workdir runs/demo
 
 test: $(VENV)/.installed-test
