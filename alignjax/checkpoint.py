@@ -51,15 +51,16 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only the params of a training checkpoint (for evaluation, export, init_from)."""
-        abstract = {"params": abstract_params}
+    def restore_params(self, step: int, abstract_params: Any, key: str = "params") -> Any:
+        """Only the params (or another entry `key` of the state, e.g. "ref_params") of a training
+        checkpoint (for evaluation, export, init_from)."""
+        abstract = {key: abstract_params}
         path = os.path.join(self.directory, str(step), "state")
         with ocp.PyTreeCheckpointer() as ckptr:
             out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
                 item=abstract, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
-        return out["params"]
+        return out[key]
 
     def wait(self):
         self.manager.wait_until_finished()

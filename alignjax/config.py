@@ -491,3 +491,5 @@ def validate_config(config: ConfigDict, num_devices: int) -> None:
             hparams(config.dpo)
         except ValueError as e:
             raise ConfigError(f"dpo: {e}") from None
+        from alignjax.train.dpo import refresh_settings
+        refresh_settings(config.dpo)

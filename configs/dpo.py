@@ -30,6 +30,9 @@ def get_config(preset: str | None = None):
         simpo_gamma=0.5, orpo_lambda=0.1, slic_delta=1.0, slic_lambda=0.1,
         rrhf_sft_weight=1.0, pro_use_scores=True,
         desirable_weight=1.0, undesirable_weight=1.0,
+        # TR-DPO: every tau steps ref <- alpha * policy + (1 - alpha) * ref. 0 = frozen reference;
+        # alpha = 1 is the paper's hard update (copy the policy), alpha < 1 its soft update.
+        ref_refresh_every=0, ref_refresh_alpha=0.6,
     )
     c.data.packing = "pad"
     c.data.num_responses = 4  # ranked losses: responses per prompt (K)

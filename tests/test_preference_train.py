@@ -122,3 +122,62 @@ def test_precomputed_reference_equals_colocated_and_frees_it(sft_run, tmp_path):
     np.testing.assert_allclose(loss_p, loss_c, atol=1e-5, rtol=1e-5)
     for k in sums_c:
         np.testing.assert_allclose(sums_p[k], sums_c[k], atol=1e-4, rtol=1e-5, err_msg=k)
+
+
+def _small_pairs(tmp_path, n=64):
+    from alignjax.data import toy
+    path = str(tmp_path / "pairs.jsonl")
+    toy.write_jsonl(toy.preference_records(toy.make_examples(n, seed=3), seed=3), path)
+    return path
+
+
+def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
+    """ref <- alpha * policy + (1 - alpha) * ref every tau steps, checkpointed with the state:
+    a run stopped after 2 steps and resumed ends exactly where an uninterrupted run does."""
+    from alignjax import sharding as shd
+    from alignjax.checkpoint import Checkpointer
+    from alignjax.model.params import abstract_params, build_module
+    from alignjax.train.setup import model_config
+    pairs = _small_pairs(tmp_path)
+    common = [f"data.train={pairs}", "data.eval=", "data.seq_len=64", "dpo.loss_type=dpo",
+              "dpo.ref_refresh_every=2", "dpo.ref_refresh_alpha=0.5", "checkpoint.every=1",
+              "checkpoint.keep=5", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+              "optimizer.lr=1e-3", "train.batch_size=16"]
+    _train("configs/dpo.py:tiny", tmp_path / "full", sft_run[0], common + ["train.steps=3"])
+    _train("configs/dpo.py:tiny", tmp_path / "resumed", sft_run[0], common + ["train.steps=2"])
+    _train("configs/dpo.py:tiny", tmp_path / "resumed", sft_run[0], common + ["train.steps=3"])
+
+    config = load_config("configs/dpo.py:tiny", [f"model.init_from={sft_run[0]}"])
+    abstract, _ = abstract_params(build_module(model_config(config)), shd.make_mesh())
+
+    def read(workdir, step, key):
+        ckpt = Checkpointer(str(workdir), 1)
+        try:
+            return jax.tree_util.tree_map(np.asarray, ckpt.restore_params(step, abstract, key))
+        finally:
+            ckpt.close()
+
+    ref1, ref2, ref3 = (read(tmp_path / "full", s, "ref_params") for s in (1, 2, 3))
+    policy1, policy2 = read(tmp_path / "full", 1, "params"), read(tmp_path / "full", 2, "params")
+    initial = load_model(str(sft_run[0])).params
+    leaves = lambda tree: jax.tree_util.tree_leaves(tree)  # noqa: E731
+    for a, b in zip(leaves(ref1), leaves(initial)):  # no refresh yet: the initial policy
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(policy1), leaves(initial)))
+    for r2, p2, r1 in zip(leaves(ref2), leaves(policy2), leaves(ref1)):
+        np.testing.assert_allclose(r2, 0.5 * p2 + 0.5 * r1, rtol=1e-6, atol=1e-7)
+    for a, b in zip(leaves(ref3), leaves(ref2)):  # step 3 is not a refresh step
+        np.testing.assert_array_equal(a, b)
+    for key in ("params", "ref_params"):
+        for a, b in zip(leaves(read(tmp_path / "full", 3, key)), leaves(read(tmp_path / "resumed", 3, key))):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_tr_dpo_config_errors():
+    from alignjax.config import validate_config
+    from alignjax.model.config import ConfigError
+    for overrides, message in [(["dpo.ref_refresh_every=4", "dpo.reference=precomputed"], "colocated"),
+                               (["dpo.ref_refresh_every=4", "dpo.loss_type=simpo"], "no reference"),
+                               (["dpo.ref_refresh_every=4", "dpo.ref_refresh_alpha=0"], "alpha")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(load_config("configs/dpo.py:tiny", overrides), 8)

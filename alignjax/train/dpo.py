@@ -7,7 +7,9 @@ losses read pairs, `rrhf`/`pro` read ranked groups, `kto` reads unpaired labelle
 The reference model is either colocated (frozen params on the same mesh, in `dpo.ref_dtype`,
 passed to the step as an argument) or precomputed: one pass over the training set before
 training stores the reference log-probs per record (WORKDIR/reference_logps.npy), batches carry
-them, and no reference weights stay in device memory.
+them, and no reference weights stay in device memory. TR-DPO (`dpo.ref_refresh_every` > 0, colocated
+only) refreshes the reference every tau steps, ref <- alpha * policy + (1 - alpha) * ref; it then
+lives in the train state, so checkpoints and resume carry it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ def data_kind(loss_type) -> str:
 def needs_reference(loss_type) -> bool:
     names = [n for n, _ in loss_terms(loss_type)]
     return not all(n in REFERENCE_FREE or n in RANKED for n in names)
+
+
+def refresh_settings(dpo_cfg) -> tuple[int, float]:
+    """(every, alpha) of TR-DPO's reference refresh; every = 0 means a frozen reference."""
+    every, alpha = int(dpo_cfg.get("ref_refresh_every", 0) or 0), float(dpo_cfg.get("ref_refresh_alpha", 1.0))
+    if every < 0 or not 0.0 < alpha <= 1.0:
+        raise ConfigError(f"dpo.ref_refresh_every={every}, dpo.ref_refresh_alpha={alpha}: use every >= 0 "
+                          "steps (0 = off) and 0 < alpha <= 1 (1 = copy the policy)")
+    if every and dpo_cfg.reference != "colocated":
+        raise ConfigError("dpo.ref_refresh_every > 0 needs dpo.reference=colocated: a precomputed "
+                          "reference cannot follow the policy")
+    if every and not needs_reference(dpo_cfg.loss_type):
+        raise ConfigError(f"dpo.ref_refresh_every > 0 but dpo.loss_type={dpo_cfg.loss_type!r} uses no "
+                          "reference model; set dpo.ref_refresh_every=0")
+    return every, alpha
 
 
 def hparams(dpo_cfg) -> PrefHParams:
@@ -227,12 +244,15 @@ def build(config, workdir: str, run):
     kind = data_kind(config.dpo.loss_type)
     mode = config.dpo.reference
     train_iter, eval_iter, train_sources, eval_sources = _iterators(config, workdir, run, kind)
-    ref_module, frozen = None, ()
+    ref_module, frozen, moving = None, (), {}
     if needs_reference(config.dpo.loss_type):
         # The reference is the model training starts from (re-read from model.init_from on resume).
         ref_module, ref = reference_params(
             config, run, initial_params(config, run.module, run.mesh, run.rules))
-        if mode == "colocated":
+        every, alpha = refresh_settings(config.dpo)
+        if every:  # TR-DPO: the reference moves with training, so it lives in the train state
+            moving = dict(reference=ref, ref_module=ref_module, ref_refresh=(every, alpha))
+        elif mode == "colocated":
             frozen = (ref,)
         else:
             train_table = precompute_reference(config, workdir, run, ref_module, ref, kind,
@@ -246,7 +266,7 @@ def build(config, workdir: str, run):
                 make_eval = eval_iter
                 eval_iter = lambda: WithReference(make_eval(), eval_table)  # noqa: E731
     return Algorithm("dpo", make_sums_fn(run.module, ref_module, config.dpo, mode == "precomputed"),
-                     metrics, train_iter, eval_iter, frozen)
+                     metrics, train_iter, eval_iter, frozen, **moving)
 
 
 def train(config, workdir: str) -> dict:

@@ -69,7 +69,3 @@ def example_weights(batch: dict):
         return batch["example_valid"].astype(jnp.float32)
     return jnp.ones(batch["tokens"].shape[:1], jnp.float32)
 
-
-def tree_lerp(alpha, new, old):
-    """alpha * new + (1 - alpha) * old, leaf by leaf (TR-DPO's reference refresh)."""
-    return jax.tree_util.tree_map(lambda n, o: (alpha * n + (1 - alpha) * o).astype(o.dtype), new, old)

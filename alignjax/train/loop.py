@@ -41,6 +41,11 @@ class Algorithm:
     train_iterator: Any          # grain DatasetIterator of process-local batches
     eval_iterator: Optional[Callable] = None   # () -> fresh iterator over the eval split, or None
     frozen: tuple = ()           # frozen models' params (reference, reward), not trained
+    # A reference that training refreshes (TR-DPO) lives in the train state instead: its initial
+    # params, its module, and (every, alpha) of ref <- alpha * policy + (1 - alpha) * ref.
+    reference: Any = None
+    ref_module: Any = None
+    ref_refresh: tuple = (0, 1.0)
     tokens_per_example: Optional[Callable] = None  # batch -> number of tokens processed
     extra_meta: dict = dataclasses.field(default_factory=dict)
 
@@ -68,30 +73,36 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     t = config.train
     steps, accum = int(t.steps), int(t.get("grad_accum_steps", 1))
     optimizer, schedule = make_optimizer(config.optimizer, steps)
-    abstract, shardings = state_shardings(run.module, optimizer, run.mesh, run.rules)
+    abstract, shardings = state_shardings(run.module, optimizer, run.mesh, run.rules,
+                                          algo.ref_module if algo.reference is not None else None)
     ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
                         bool(config.checkpoint.async_save))
     latest = ckpt.latest_step()
     if latest is None:
         state = init_state(initial_params(config, run.module, run.mesh, run.rules), optimizer,
-                           shardings, int(t.seed))
+                           shardings, int(t.seed), algo.reference)
         start = 0
     else:
         state, _ = ckpt.restore(latest, abstract, algo.train_iterator)
         start = int(latest)
         print(f"resuming {workdir} from step {start}")
+    if algo.reference is not None:  # the state holds (or restored) its own copy
+        jax.tree_util.tree_map(lambda x: x.delete(), algo.reference)
+        algo.reference = None
     write_model_file(workdir, run, algo.extra_meta)
 
     replicated = NamedSharding(run.mesh, P())
-    step_fn = jax.jit(make_train_step(algo.sums_fn, algo.metrics_fn, optimizer, schedule, accum),
+    step_fn = jax.jit(make_train_step(algo.sums_fn, algo.metrics_fn, optimizer, schedule, accum,
+                                      algo.ref_refresh),
                       out_shardings=(shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(algo.sums_fn), out_shardings=replicated)
 
     writer = MetricsWriter(workdir, start, steps, desc=algo.name)
     peak, peak_source = device_peak_flops()
     flops_per_token = run.model_config.flops_per_token(int(config.data.seq_len))
-    if algo.frozen:  # frozen models run forward only: about a third of a training token each
-        flops_per_token *= 1 + len(algo.frozen) / 3
+    forward_only = len(algo.frozen) + ("ref_params" in state)
+    if forward_only:  # frozen models run forward only: about a third of a training token each
+        flops_per_token *= 1 + forward_only / 3
     log_every, eval_every = int(t.log_every), int(t.get("eval_every", 0) or 0)
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
     try:
@@ -113,7 +124,7 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                     tps, tokens_since = tokens_since / elapsed, 0
                     row.update(tokens_per_s=tps, mfu=tps * flops_per_token / (peak * jax.device_count()))
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
-                    row.update(evaluate(eval_fn, state["params"], algo, run, config))
+                    row.update(evaluate(eval_fn, state, algo, run, config))
                     clock = time.perf_counter()  # eval time is not training throughput
                 if row:
                     last.update(row)
@@ -130,14 +141,15 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     return {"state": state, "metrics": last}
 
 
-def evaluate(eval_fn, params, algo: Algorithm, run: Run, config) -> dict:
+def evaluate(eval_fn, state, algo: Algorithm, run: Run, config) -> dict:
     """One pass over the eval split (at most `train.eval_batches` batches) -> eval/... metrics."""
     limit = int(config.train.get("eval_batches", 0) or 0)
+    frozen = ((state["ref_params"],) if "ref_params" in state else ()) + tuple(algo.frozen)
     total = None
     for i, local in enumerate(algo.eval_iterator()):
         if limit and i >= limit:
             break
-        sums = jax.device_get(eval_fn(params, to_global(local, run.mesh, run.rules), *algo.frozen))
+        sums = jax.device_get(eval_fn(state["params"], to_global(local, run.mesh, run.rules), *frozen))
         total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
     if total is None:
         return {}

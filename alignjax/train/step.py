@@ -48,10 +48,18 @@ def accumulate(sums_fn: Callable, params, batch, num_micro: int, *frozen):
 
 
 def make_train_step(sums_fn: Callable, metrics_fn: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro: int = 1):
-    """step(state, batch, *frozen) -> (state, metrics); metrics_fn(sums) -> dict of scalars."""
+                    schedule: optax.Schedule, num_micro: int = 1, ref_refresh: tuple = (0, 1.0)):
+    """step(state, batch, *frozen) -> (state, metrics); metrics_fn(sums) -> dict of scalars.
+
+    A state holding "ref_params" passes them to sums_fn before `frozen`; with
+    ref_refresh=(every, alpha), every `every` steps they become alpha * params + (1 - alpha) *
+    ref_params (TR-DPO).
+    """
+    every, alpha = int(ref_refresh[0]), float(ref_refresh[1])
 
     def step(state, batch, *frozen):
+        if "ref_params" in state:
+            frozen = (state["ref_params"],) + frozen
         grads, sums = accumulate(sums_fn, state["params"], batch, num_micro, *frozen)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
@@ -60,9 +68,18 @@ def make_train_step(sums_fn: Callable, metrics_fn: Callable, optimizer: optax.Gr
         metrics = dict(metrics_fn(sums), grad_norm=optax.tree.norm(grads),
                        lr=schedule(state["step"]))
         new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if "ref_params" in state and every > 0:
+            new_state["ref_params"] = jax.lax.cond(
+                new_state["step"] % every == 0, lambda: tree_lerp(alpha, params, state["ref_params"]),
+                lambda: state["ref_params"])
         return new_state, metrics
 
     return step
+
+
+def tree_lerp(alpha, new, old):
+    """alpha * new + (1 - alpha) * old, leaf by leaf, in old's dtypes (TR-DPO's refresh)."""
+    return jax.tree_util.tree_map(lambda n, o: (alpha * n + (1 - alpha) * o).astype(o.dtype), new, old)
 
 
 def make_eval_step(sums_fn: Callable):
