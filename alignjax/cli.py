@@ -17,6 +17,7 @@ EPILOG = """examples:
   alignjax convert hf-to-alignjax --hf ./Llama-3.2-1B --out ./ckpt/llama32-1b
   alignjax generate --model ./ckpt/llama32-1b --prompt "Write a haiku about TPUs" --chat
   alignjax convert alignjax-to-hf --ckpt ./ckpt/llama32-1b --out ./hf-out --dtype bfloat16
+  alignjax sample --model runs/sft --prompts toy --reward toy --mode pairs --n 4 --out pairs.jsonl
   alignjax bench forward --preset small --batch 8 --seq-len 256
 """
 
@@ -162,6 +163,29 @@ def cmd_score(args):
             print(f"{float(x):.6f}")
 
 
+def cmd_sample(args):
+    from alignjax import sharding as shd
+    from alignjax import sampling
+    from alignjax.model.store import load_model
+    from alignjax.model.tokenize import load_model_tokenizer
+    mesh = shd.make_mesh(parse_mesh(args.mesh))
+    model = load_model(args.model, mesh, head="lm")
+    tokenizer = load_model_tokenizer(model, args.model)
+    prompts = sampling.read_prompts(args.prompts, args.num_prompts)
+    reward_fn = sampling.reward_function(args.reward, mesh)
+    report = sampling.sample_dataset(
+        model, tokenizer, prompts, reward_fn, args.mode, args.n, args.out,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        chat=not args.no_chat, rso_beta=args.rso_beta, rso_accept_n=args.rso_accept)
+    print(f"wrote {report.records} {args.mode} records to {args.out} from {report.prompts} prompts x "
+          f"{args.n} samples; mean reward {report.mean_reward:.4f}, best-of-{args.n} "
+          f"{report.best_of_n_reward:.4f}"
+          + (f"; {report.skipped_equal} prompts skipped (all samples scored the same)"
+             if args.mode != "best_of_n" else "")
+          + (f"; {report.empty} empty responses left out" if report.empty else ""))
+
+
 def cmd_bench(args):
     from alignjax import bench
     result = bench.run(args.what, preset=args.preset, hf_config=args.hf_config, batch=args.batch,
@@ -250,6 +274,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_mesh(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("sample", help="sample n responses per prompt, score them, write best-of-n, "
+                                      "pairs, ranked or RSO data",
+                       description="Samples --n responses per prompt from --model, scores them with "
+                                   "--reward (the toy checker or a reward model) and writes JSONL "
+                                   "that the trainers read: best_of_n -> SFT records (expert "
+                                   "iteration), pairs -> best vs worst preference pairs (on-policy "
+                                   "DPO data), ranked -> RRHF/PRO records, rso -> RSO rejection-"
+                                   "sampled pairs (ALGORITHMS.md section 5).")
+    p.add_argument("--model", required=True, help="policy: alignjax model dir, training workdir or HF dir")
+    p.add_argument("--prompts", required=True,
+                   help="'toy' (toy-suite training prompts) or a JSONL/Parquet/dataset with 'prompt'")
+    p.add_argument("--reward", required=True, help="'toy' (the toy checker) or a reward-model path")
+    p.add_argument("--mode", choices=("best_of_n", "pairs", "ranked", "rso"), default="pairs")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt (RSO: candidates, e.g. 64)")
+    p.add_argument("--num-prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="sequences per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
+    p.add_argument("--rso-beta", type=float, default=0.5, help="RSO: temperature of the target r/beta")
+    p.add_argument("--rso-accept", type=int, default=8, help="RSO: samples to accept per prompt")
+    _add_mesh(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="tokens/s of alignjax vs transformers (PyTorch)")
     p.add_argument("what", choices=("forward", "generate"))

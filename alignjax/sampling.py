@@ -1,0 +1,203 @@
+"""Sampling-based data (ALGORITHMS.md section 5): sample n responses per prompt from a policy,
+score them with a reward, and keep what a method needs.
+
+- ``best_of_n``: the best response per prompt, as SFT records (one round of expert iteration).
+- ``pairs``: best vs worst response per prompt, as preference pairs: on-policy data for DPO, whose
+  rejected answers are the policy's own mistakes.
+- ``ranked``: the distinct responses sorted by reward, as ranked records for RRHF/PRO.
+- ``rso``: RSO's statistical rejection sampling toward pi* ~ pi exp(r / beta); the accepted
+  samples are paired by reward.
+
+Prompts whose samples all earn the same reward carry no preference and are skipped (counted);
+empty responses (EOS first) are never written, since the trainers reject empty responses.
+The selection rules are pure NumPy functions; `sample_dataset` is the orchestration.
+
+    alignjax sample --model runs/sft --prompts toy --reward toy --mode pairs --n 4 --out pairs.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from alignjax.errors import UserError
+
+MODES = ("best_of_n", "pairs", "ranked", "rso")
+
+
+# ---- selection rules (pure) -------------------------------------------------------------------
+
+def best_worst(rewards_n: np.ndarray) -> Optional[tuple[int, int]]:
+    """(best, worst) sample indices, first occurrence on ties; None when all rewards are equal."""
+    r = np.asarray(rewards_n, np.float64)
+    best, worst = int(np.argmax(r)), int(np.argmin(r))
+    return None if r[best] == r[worst] else (best, worst)
+
+
+def rso_accept(rewards_n: np.ndarray, num_accept: int, beta: float, rng: np.random.Generator) -> list[int]:
+    """RSO statistical rejection sampling: indices of up to `num_accept` accepted candidates.
+
+    Rounds repeat until enough are accepted or none is left: r_max is the largest reward among
+    candidates not yet accepted, and each of those is accepted with probability
+    exp((r - r_max) / beta), so the candidate holding r_max always is.
+    """
+    r = np.asarray(rewards_n, np.float64)
+    remaining, accepted = list(range(len(r))), []
+    while remaining and len(accepted) < num_accept:
+        r_max = max(r[i] for i in remaining)
+        for i in list(remaining):
+            if len(accepted) < num_accept and rng.random() < np.exp((r[i] - r_max) / beta):
+                accepted.append(i)
+                remaining.remove(i)
+    return accepted
+
+
+def pair_by_reward(indices: Sequence[int], rewards_n: np.ndarray,
+                   rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Random disjoint pairs of `indices`, each ordered (higher reward, lower); ties dropped."""
+    order = [indices[i] for i in rng.permutation(len(indices))]
+    pairs = []
+    for a, b in zip(order[0::2], order[1::2]):
+        if rewards_n[a] != rewards_n[b]:
+            pairs.append((a, b) if rewards_n[a] > rewards_n[b] else (b, a))
+    return pairs
+
+
+def select(mode: str, prompt: str, texts: Sequence[str], rewards_n: np.ndarray,
+           rng: np.random.Generator, rso_beta: float = 0.5, rso_accept_n: int = 8) -> list[dict]:
+    """The records one prompt's scored samples yield under `mode` (possibly none)."""
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    texts, rewards_n = [texts[i] for i in keep], np.asarray(rewards_n, np.float64)[keep]
+    if not texts:
+        return []
+    if mode == "best_of_n":
+        i = int(np.argmax(rewards_n))
+        return [{"prompt": prompt, "completion": texts[i], "reward": float(rewards_n[i])}]
+    if mode == "pairs":
+        bw = best_worst(rewards_n)
+        return [] if bw is None else [_pair(prompt, texts, rewards_n, *bw)]
+    if mode == "ranked":
+        first = {}
+        for i, t in enumerate(texts):  # one entry per distinct response
+            first.setdefault(t, i)
+        idx = sorted(first.values(), key=lambda i: -rewards_n[i])
+        if len(idx) < 2 or rewards_n[idx[0]] == rewards_n[idx[-1]]:
+            return []
+        return [{"prompt": prompt, "responses": [texts[i] for i in idx],
+                 "scores": [float(rewards_n[i]) for i in idx]}]
+    if mode == "rso":
+        accepted = rso_accept(rewards_n, rso_accept_n, rso_beta, rng)
+        return [_pair(prompt, texts, rewards_n, w, l) for w, l in pair_by_reward(accepted, rewards_n, rng)
+                if texts[w] != texts[l]]
+    raise UserError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
+
+
+def _pair(prompt, texts, rewards_n, w, l) -> dict:
+    return {"prompt": prompt, "chosen": texts[w], "rejected": texts[l],
+            "chosen_reward": float(rewards_n[w]), "rejected_reward": float(rewards_n[l])}
+
+
+# ---- rewards and prompts ----------------------------------------------------------------------
+
+def reward_function(spec: str, mesh=None, max_length: int = 1024) -> Callable:
+    """`toy` (the toy checker, 0/1) or a reward-model path -> fn(prompts, responses) -> [n]."""
+    if spec == "toy":
+        from alignjax.data import toy
+        return toy.reward_fn
+    from alignjax.data.tokenizer import load_tokenizer
+    from alignjax.model.store import load_model
+    from alignjax.train.reward import score_texts
+    if not os.path.exists(spec):
+        raise UserError(f"--reward {spec!r}: neither 'toy' nor an existing reward-model directory")
+    model = load_model(spec, mesh, head="scalar")
+    if model.tokenizer_dir is None:
+        raise UserError(f"--reward {spec}: no tokenizer stored with the reward model")
+    tok = load_tokenizer(model.tokenizer_dir)
+
+    def score(prompts, responses, chunk=256):
+        return np.concatenate([score_texts(model, tok, prompts[i:i + chunk], responses[i:i + chunk],
+                                           seq_len=max_length) for i in range(0, len(prompts), chunk)])
+    return score
+
+
+def read_prompts(spec: str, limit: int = 0) -> list[str]:
+    """`toy` (the toy suite's training prompts) or any data source with a string `prompt` field."""
+    if spec == "toy":
+        from alignjax.data import toy
+        return [e.prompt for e in toy.toy_splits(n_train=limit or 20000)["train"]]
+    from alignjax.data.sources import DataError, open_sources, where
+    source = open_sources(spec)
+    n = len(source) if not limit else min(limit, len(source))
+    prompts = []
+    for i in range(n):
+        record = source[i]
+        p = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"{where(source, i)}: needs a non-empty string field 'prompt' "
+                            f"(got keys {sorted(record) if isinstance(record, dict) else type(record)})")
+        prompts.append(p)
+    return prompts
+
+
+# ---- orchestration ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SampleReport:
+    prompts: int
+    samples: int
+    records: int
+    skipped_equal: int      # prompts whose samples all earned the same reward (or were empty)
+    empty: int              # empty responses, never written
+    mean_reward: float      # over all samples: the policy's average reward
+    best_of_n_reward: float  # mean over prompts of the best sample's reward
+
+
+def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable, mode: str, n: int,
+                   out_path: str, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                   max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0, chat: bool = True,
+                   rso_beta: float = 0.5, rso_accept_n: int = 8, progress: bool = True) -> SampleReport:
+    """Samples `n` responses per prompt with the KV-cache generator, scores them, writes JSONL."""
+    from tqdm import tqdm
+
+    from alignjax.data.tokenizer import stop_token_ids
+    from alignjax.model.generate import Generator, SamplingParams, completions_to_text
+    from alignjax.model.tokenize import encode_prompts
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
+    if n < 2 and mode != "best_of_n":
+        raise UserError(f"--n {n}: mode {mode} compares samples, it needs n >= 2")
+    eos = stop_token_ids(tokenizer)
+    gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos,
+                    pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    ids = encode_prompts(tokenizer, prompts, chat=chat)
+    rows = [i for i in range(len(prompts)) for _ in range(n)]  # a prompt's n copies side by side
+    texts = []
+    bar = tqdm(total=len(rows), desc="sample", unit="seq", disable=not progress)
+    for c, start in enumerate(range(0, len(rows), batch_size)):
+        chunk = [ids[i] for i in rows[start:start + batch_size]]
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)  # one bucket shape: no recompiles
+        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed * 1_000_003 + c)  # a fresh key per batch
+        out = gen.generate_ids(model.params, chunk, sp)
+        texts += completions_to_text(tokenizer, out["tokens"], out["mask"], eos)[:real]
+        bar.update(real)
+    bar.close()
+    rewards = np.asarray(reward_fn([prompts[i] for i in rows], texts), np.float64).reshape(len(prompts), n)
+    rng = np.random.default_rng(seed)
+    records, skipped = [], 0
+    for p, prompt in enumerate(prompts):
+        got = select(mode, prompt, texts[p * n:(p + 1) * n], rewards[p], rng, rso_beta, rso_accept_n)
+        skipped += mode != "best_of_n" and not got
+        records += got
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    empty = sum(not t.strip() for t in texts)
+    return SampleReport(len(prompts), len(rows), len(records), int(skipped), empty, float(rewards.mean()),
+                        float(rewards.max(axis=1).mean()))

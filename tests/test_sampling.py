@@ -1,0 +1,79 @@
+"""Sampling-based data (ALGORITHMS.md section 5): selection rules and `alignjax sample` end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from alignjax import sampling
+from alignjax.data import toy
+
+
+def test_best_worst_and_ties():
+    assert sampling.best_worst(np.array([0.2, 0.9, -1.0, 0.9])) == (1, 2)
+    assert sampling.best_worst(np.array([1.0, 1.0, 1.0])) is None
+
+
+def test_rso_acceptance_probability_follows_the_formula():
+    """Candidates are visited in order; with rewards [-1, 0] and beta 0.5 the first is accepted in
+    round one with probability exp((-1 - 0) / 0.5), else the second (holding r_max) is."""
+    rng = np.random.default_rng(0)
+    trials = 20000
+    first = sum(sampling.rso_accept(np.array([-1.0, 0.0]), 1, 0.5, rng) == [0] for _ in range(trials))
+    expected = np.exp(-2.0)
+    assert abs(first / trials - expected) < 4 * np.sqrt(expected * (1 - expected) / trials)
+    # The best candidate is always accepted, and nothing is accepted twice.
+    for _ in range(200):
+        r = rng.normal(size=16)
+        got = sampling.rso_accept(r, 8, 0.5, rng)
+        assert int(np.argmax(r)) in got and len(set(got)) == len(got) == 8
+
+
+def test_pairs_are_ordered_by_reward_and_skip_ties():
+    rng = np.random.default_rng(0)
+    r = np.array([0.1, 0.5, 0.5, 0.9, 0.3, 0.7])
+    pairs = sampling.pair_by_reward(list(range(6)), r, rng)
+    used = [i for p in pairs for i in p]
+    assert len(used) == len(set(used))
+    assert all(r[w] > r[l] for w, l in pairs)
+
+
+def test_select_modes():
+    rng = np.random.default_rng(0)
+    texts, r = ["a", "b", "", "a"], np.array([0.5, 1.0, 2.0, 0.5])
+    # The empty response (EOS first) is never used, even with the best reward.
+    assert sampling.select("best_of_n", "p", texts, r, rng) == [{"prompt": "p", "completion": "b", "reward": 1.0}]
+    [pair] = sampling.select("pairs", "p", texts, r, rng)
+    assert (pair["chosen"], pair["rejected"]) == ("b", "a")
+    [ranked] = sampling.select("ranked", "p", texts, r, rng)
+    assert ranked["responses"] == ["b", "a"] and ranked["scores"] == [1.0, 0.5]
+    assert sampling.select("pairs", "p", ["x", "y"], np.array([1.0, 1.0]), rng) == []
+    with pytest.raises(Exception, match="--mode"):
+        sampling.select("bogus", "p", texts, r, rng)
+
+
+def test_read_prompts_names_the_bad_line(tmp_path):
+    from alignjax.data.sources import DataError
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "sort: 3 1"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2"):
+        sampling.read_prompts(str(path))
+
+
+def test_sample_cli_writes_on_policy_pairs_the_trainer_reads(sft_run, tmp_path, capsys):
+    from alignjax.cli import main
+    from alignjax.config import load_config
+    from alignjax.data.preference import make_preference_eval_iterator
+    from alignjax.data.tokenizer import load_tokenizer
+    out = tmp_path / "pairs.jsonl"
+    main(["sample", "--model", str(sft_run[0]), "--prompts", "toy", "--num-prompts", "96", "--reward",
+          "toy", "--mode", "pairs", "--n", "4", "--out", str(out), "--max-new-tokens", "24"])
+    assert "pairs records" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records, "a 96%-accurate policy sampled at temperature 1 makes some mistakes"
+    for r in records:  # the toy checker is 0/1: chosen are right, rejected wrong
+        assert toy.check(r["prompt"], r["chosen"]) == 1.0 and toy.check(r["prompt"], r["rejected"]) == 0.0
+    config = load_config("configs/dpo.py:tiny", [f"data.train={out}"])
+    it = make_preference_eval_iterator(str(out), load_tokenizer(str(sft_run[0] / "tokenizer")),
+                                       config.data, kind="pair", batch_size=8, seq_len=64)
+    assert sum(int(np.sum(b["example_valid"])) for b in it) == len(records)  # nothing dropped
