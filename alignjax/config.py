@@ -310,7 +310,7 @@ _SFT_CHECKS = {
     "optimizer.grad_clip": (_NON_NEGATIVE[0], "must be >= 0 (0 disables clipping)"),
     "train.steps": _int(1), "train.batch_size": _int(1), "train.grad_accum_steps": _int(1),
     "train.seed": _int(0), "train.log_every": _int(1), "train.eval_every": _int(0),
-    "train.eval_batches": _int(0), "train.nan_guard": _BOOL,
+    "train.eval_batches": _int(0), "train.nan_guard": _BOOL, "train.eval_on_start": _BOOL,
     "checkpoint.every": _int(1), "checkpoint.keep": _int(1), "checkpoint.async_save": _BOOL,
 }
 # Checked only when the model is built from the config (model.init_from == "").

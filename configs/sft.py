@@ -76,6 +76,7 @@ def base_config() -> ConfigDict:
     t.log_every = 10
     t.eval_every = 200  # 0 = no periodic evaluation
     t.eval_batches = 16
+    t.eval_on_start = False  # also evaluate before the first step (the starting model's metrics, step 0)
     t.nan_guard = True  # stop with an error (not a silent skip) on a non-finite loss
 
     c.checkpoint = k = ConfigDict()

@@ -107,6 +107,10 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
     try:
         with shd.mesh_context(run.mesh, run.rules):
+            if algo.eval_iterator and start == 0 and t.get("eval_on_start", False):
+                last = evaluate(eval_fn, state, algo, run, config)  # the starting model, as step 0
+                writer.write(0, last)
+                clock = time.perf_counter()
             for step in range(start + 1, steps + 1):
                 local = next(algo.train_iterator)
                 tokens_since += _count_tokens(local, algo) * jax.process_count()
