@@ -37,11 +37,14 @@ def get_config(preset: str | None = None):
     c.data.packing = "pad"
     c.data.num_responses = 4  # ranked losses: responses per prompt (K)
     if preset in ("tiny", "small"):
-        # RPO (DPO + the SFT term on the chosen answer): on the toy suite plain DPO lowers the
-        # chosen log-probs and greedy checker accuracy drops (measured 96% -> 83%); RPO keeps it.
-        c.dpo.loss_type = "dpo+sft"
-        c.optimizer.update(lr=2e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
-        c.train.update(steps=150, batch_size=32, log_every=10, eval_every=50, eval_batches=8)
+        # RPO (DPO + the SFT term on the chosen answer) with a large beta. Measured on the toy
+        # suite from the 97.5% SFT model (greedy checker accuracy, implicit-reward accuracy):
+        # this preset 99.0% / 97%; plain DPO at the same settings 96.5% / 96.5%; plain DPO at
+        # beta 0.1, lr 2e-4, 150 steps 76.5% / 89% (it lowers the chosen log-probs).
+        c.dpo.update(loss_type="dpo+sft", beta=1.0)
+        c.data.seq_len = 64  # toy prompt + response with the chat template: at most 44 tokens
+        c.optimizer.update(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="cosine")
+        c.train.update(steps=100, batch_size=32, log_every=10, eval_every=50, eval_batches=8)
         c.checkpoint.every = 50
     else:
         c.optimizer.update(lr=5e-7, warmup_steps=30)

@@ -26,6 +26,7 @@ def get_config(preset: str | None = None):
     c.optimizer.update(lr=c.optimizer.lr / 2, warmup_steps=min(c.optimizer.warmup_steps, 20))
     if (preset or DEFAULT_PRESET) in ("tiny", "small"):
         c.optimizer.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)
+        c.data.seq_len = 64  # toy prompt + response with the chat template: at most 44 tokens
         c.train.update(steps=200, batch_size=32, log_every=20, eval_every=100, eval_batches=8)
         c.checkpoint.every = 100
     else:
