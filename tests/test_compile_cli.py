@@ -33,6 +33,12 @@ def test_dpo_with_colocated_reference_fits_v5p_64(capsys):
     assert "FITS" in out and "DOES NOT FIT" not in out
 
 
+def test_tr_dpo_step_compiles_with_the_reference_in_the_state(capsys):
+    cli_main(["compile", "--config", "configs/dpo.py:tiny", "--topology", "v5p-8",
+              "--config.dpo.ref_refresh_every=4"])
+    assert "FITS" in capsys.readouterr().out
+
+
 def test_reward_step_compiles(capsys):
     cli_main(["compile", "--config", "configs/reward.py:tiny", "--topology", "v5p-8"])
     assert "FITS" in capsys.readouterr().out

@@ -59,8 +59,16 @@ def compile_train_step(config, topology: str):
     batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, x.ndim, rules_), batch)
     batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    batch, batch_sh)
+    refresh = (0, 1.0)
+    if algo == "dpo":
+        from alignjax.train.dpo import refresh_settings
+        refresh = refresh_settings(config.dpo)
+    if refresh[0] and frozen:  # TR-DPO: the refreshed reference lives in the state, as in training
+        abstract_state = dict(abstract_state, ref_params=frozen[0])
+        state_sh = dict(state_sh, ref_params=jax.tree_util.tree_map(lambda x: x.sharding, frozen[0]))
+        frozen = ()
     step = make_train_step(sums_fn, metrics_fn, optimizer, schedule,
-                           int(config.train.get("grad_accum_steps", 1)))
+                           int(config.train.get("grad_accum_steps", 1)), refresh)
     frozen_sh = tuple(jax.tree_util.tree_map(lambda x: x.sharding, f) for f in frozen)
     with shd.mesh_context(mesh, rules_):
         return aot.compile_report(step, (abstract_state, batch) + tuple(frozen),
