@@ -25,10 +25,12 @@ def get_config(preset: str | None = None):
     c.data.packing = "pad"  # one sequence per row: the reward is read at its last token
     c.optimizer.update(lr=c.optimizer.lr / 2, warmup_steps=min(c.optimizer.warmup_steps, 20))
     if (preset or DEFAULT_PRESET) in ("tiny", "small"):
-        c.optimizer.update(lr=3e-4, warmup_steps=20, weight_decay=0.0)
+        # Measured from the toy SFT model (held-out pair accuracy): this preset 94%; 400 steps
+        # 90%; batch 32 / lr 3e-4 / 200 steps 82.5% (pick and reverse need the larger budget).
+        c.optimizer.update(lr=5e-4, warmup_steps=20, weight_decay=0.0)
         c.data.seq_len = 64  # toy prompt + response with the chat template: at most 44 tokens
-        c.train.update(steps=200, batch_size=32, log_every=20, eval_every=100, eval_batches=8)
-        c.checkpoint.every = 100
+        c.train.update(steps=500, batch_size=64, log_every=25, eval_every=250, eval_batches=4)
+        c.checkpoint.every = 250
     else:
         c.train.update(steps=500, batch_size=64, grad_accum_steps=2)
         # Pairs are two sequences each: 2048 tokens and 2 micro-batches keep 7B/8B within

@@ -23,9 +23,10 @@ def reward_run(sft_run, tmp_path_factory):
 
 
 def test_reward_model_learns_pairs(reward_run):
-    # ISSUE 4 asks for >= 90%; the tiny preset reaches 82.5% (measured; 88% after 900 steps).
+    # Measured 94% on the 200 held-out toy pairs (the SFT model's features need the preset's
+    # 500 steps of batch 64: 200 steps of batch 32 gave 82.5%).
     _, metrics = reward_run
-    assert metrics["eval/accuracy"] >= 0.75, metrics
+    assert metrics["eval/accuracy"] >= 0.90, metrics
     assert metrics["eval/num_examples"] == 200
 
 
