@@ -161,32 +161,21 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
                    max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0, chat: bool = True,
                    rso_beta: float = 0.5, rso_accept_n: int = 8, progress: bool = True) -> SampleReport:
     """Samples `n` responses per prompt with the KV-cache generator, scores them, writes JSONL."""
-    from tqdm import tqdm
-
     from alignjax.data.tokenizer import stop_token_ids
-    from alignjax.model.generate import Generator, SamplingParams, completions_to_text
+    from alignjax.model.generate import Generator, SamplingParams
     from alignjax.model.tokenize import encode_prompts
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
     if n < 2 and mode != "best_of_n":
         raise UserError(f"--n {n}: mode {mode} compares samples, it needs n >= 2")
-    eos = stop_token_ids(tokenizer)
-    gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos,
+    gen = Generator(model.module, model.mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     ids = encode_prompts(tokenizer, prompts, chat=chat)
     rows = [i for i in range(len(prompts)) for _ in range(n)]  # a prompt's n copies side by side
-    texts = []
-    bar = tqdm(total=len(rows), desc="sample", unit="seq", disable=not progress)
-    for c, start in enumerate(range(0, len(rows), batch_size)):
-        chunk = [ids[i] for i in rows[start:start + batch_size]]
-        real = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - real)  # one bucket shape: no recompiles
-        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed * 1_000_003 + c)  # a fresh key per batch
-        out = gen.generate_ids(model.params, chunk, sp)
-        texts += completions_to_text(tokenizer, out["tokens"], out["mask"], eos)[:real]
-        bar.update(real)
-    bar.close()
+    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed)
+    texts = gen.generate_texts(model.params, tokenizer, [ids[i] for i in rows], sp, batch_size,
+                               progress=progress, desc="sample")
     rewards = np.asarray(reward_fn([prompts[i] for i in rows], texts), np.float64).reshape(len(prompts), n)
     rng = np.random.default_rng(seed)
     records, skipped = [], 0

@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from alignjax.data import toy
-from alignjax.model.generate import Generator, SamplingParams, completions_to_text
+from alignjax.model.generate import Generator, SamplingParams
 from alignjax.model.tokenize import encode_prompts
 
 
@@ -22,15 +22,9 @@ def generate_answers(module, params, mesh, rules, tokenizer, prompts, max_new_to
     from alignjax.data.tokenizer import stop_token_ids
     gen = generator or Generator(module, mesh, rules, eos_ids=stop_token_ids(tokenizer),
                                  pad_id=tokenizer.pad_token_id)
-    ids = encode_prompts(tokenizer, prompts, chat=True)
     sp = SamplingParams(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling})
-    texts = []
-    for i in range(0, len(ids), batch_size):
-        chunk = ids[i:i + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one bucket shape: no recompiles
-        out = gen.generate_ids(params, chunk, sp)
-        texts += completions_to_text(tokenizer, out["tokens"], out["mask"], gen.eos_ids)
-    return texts[:len(ids)]
+    return gen.generate_texts(params, tokenizer, encode_prompts(tokenizer, prompts, chat=True), sp,
+                              batch_size)
 
 
 def toy_accuracy(module, params, mesh, rules, tokenizer, n: int = 200, **kw) -> dict:

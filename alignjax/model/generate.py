@@ -146,6 +146,24 @@ class Generator:
                 mask[i, p - len(ids):] = 1
         return self.generate_padded(params, tokens, mask, sampling, n_rows=len(prompts))
 
+    def generate_texts(self, params, tokenizer, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                       batch_size: int = 64, progress: bool = False, desc: str = "generate") -> list[str]:
+        """Decoded completions of token-id `prompts`, `batch_size` at a time. Every batch has one
+        shape (the last is padded with copies), so nothing recompiles; batch c samples with seed
+        sampling.seed * 1_000_003 + c, so batches do not repeat each other's random draws."""
+        from tqdm import tqdm
+        texts = []
+        with tqdm(total=len(prompts), desc=desc, unit="seq", disable=not progress) as bar:
+            for c, start in enumerate(range(0, len(prompts), batch_size)):
+                chunk = list(prompts[start:start + batch_size])
+                real = len(chunk)
+                chunk += [chunk[-1]] * (batch_size - real)
+                out = self.generate_ids(params, chunk,
+                                        dataclasses.replace(sampling, seed=sampling.seed * 1_000_003 + c))
+                texts += completions_to_text(tokenizer, out["tokens"][:real], out["mask"][:real], self.eos_ids)
+                bar.update(real)
+        return texts
+
     def generate_padded(self, params, tokens_bp, mask_bp, sampling: SamplingParams, n_rows=None):
         batch = shd.shard_batch(dict(tokens=tokens_bp, mask=mask_bp), self.mesh, self.rules)
         with shd.mesh_context(self.mesh, self.rules):
