@@ -4,18 +4,35 @@
                               /data    the grain iterator's position (one file per process)
                               /meta    resolved config, tokens seen, reward statistics, ...
 
-Resume is automatic: the trainer restores the latest step found in the workdir.
+Resume is automatic: the trainer restores the latest step found in the workdir. A checkpoint that
+does not restore (a file lost or cut short) while an older one does is moved aside, renamed
+<step>.damaged-<time> (never deleted), and the older one is used; both are said on stderr.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import sys
+import time
+from typing import Any, Callable, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
+from alignjax.errors import UserError
+
 ITEMS = ("state", "data", "meta")
+
+
+class NoRestorableCheckpoint(UserError):
+    pass
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an orbax/tensorstore error, short enough for one line of output."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:200]}"
 
 
 class Checkpointer:
@@ -32,6 +49,39 @@ class Checkpointer:
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def restore_newest(self, restore_fn: Callable[[int], Any]) -> tuple[Optional[int], Any]:
+        """(step, restore_fn(step)) for the newest checkpoint that restores; (None, None) if there
+        is none. A newer one that fails while an older one restores is damaged: it is moved
+        aside and reported. If none restores, nothing is moved (the fault may not be the files)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        failed = []
+        for step in steps:
+            try:
+                out = restore_fn(step)
+            except Exception as e:  # orbax/tensorstore raise many types for a lost or cut file
+                failed.append((step, _reason(e)))
+                continue
+            for bad, why in failed:
+                aside = self._move_aside(bad)
+                print(f"alignjax: checkpoint {bad} in {self.directory} does not restore ({why}); "
+                      f"moved it to {aside} and used checkpoint {step}", file=sys.stderr, flush=True)
+            if failed:
+                self.manager.reload()
+            return step, out
+        if failed:
+            raise NoRestorableCheckpoint(
+                f"{self.directory}: no checkpoint restores (" + "; ".join(
+                    f"step {s}: {why}" for s, why in failed) + "); nothing was moved. Use a new "
+                "workdir, or move this checkpoints/ folder away to start from scratch")
+        return None, None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        return dst
 
     def save(self, step: int, state: Any, data_iterator, meta: dict, force: bool = False) -> bool:
         """Saves if `step` is on the save interval (or `force`); asynchronous when configured."""

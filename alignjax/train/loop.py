@@ -23,6 +23,7 @@ from alignjax.model.store import MODEL_FILE
 from alignjax.train.metrics import MetricsWriter, device_peak_flops
 from alignjax.train.optim import make_optimizer
 from alignjax.train.setup import Run, initial_params
+from alignjax.train.signals import StopOnSignal
 from alignjax.train.state import init_state, state_shardings
 from alignjax.train.step import make_eval_step, make_train_step
 
@@ -77,13 +78,13 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                                           algo.ref_module if algo.reference is not None else None)
     ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
                         bool(config.checkpoint.async_save))
-    latest = ckpt.latest_step()
+    latest, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, abstract, algo.train_iterator))
     if latest is None:
         state = init_state(initial_params(config, run.module, run.mesh, run.rules), optimizer,
                            shardings, int(t.seed), algo.reference)
         start = 0
     else:
-        state, _ = ckpt.restore(latest, abstract, algo.train_iterator)
+        state, _ = restored
         start = int(latest)
         print(f"resuming {workdir} from step {start}")
     if algo.reference is not None:  # the state holds (or restored) its own copy
@@ -106,7 +107,7 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     log_every, eval_every = int(t.log_every), int(t.get("eval_every", 0) or 0)
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
     try:
-        with shd.mesh_context(run.mesh, run.rules):
+        with shd.mesh_context(run.mesh, run.rules), StopOnSignal() as stop:
             if algo.eval_iterator and start == 0 and t.get("eval_on_start", False):
                 last = evaluate(eval_fn, state, algo, run, config)  # the starting model, as step 0
                 writer.write(0, last)
@@ -139,6 +140,14 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                 if os.environ.get(KILL_ENV) == str(step):
                     ckpt.wait()
                     os._exit(3)  # simulate a preempted host: no cleanup, no final save
+                if stop.signum and step < steps:  # Ctrl-C / preemption: save where we are
+                    ckpt.wait()
+                    if ckpt.latest_step() != step:
+                        ckpt.save(step, state, algo.train_iterator,
+                                  _meta(config, step, peak_source, algo), force=True)
+                        ckpt.wait()
+                    stop.stop(f"at step {step}: saved checkpoint {step} in {workdir}; run the "
+                              "same command to resume")
     finally:
         writer.close()
         ckpt.close()
