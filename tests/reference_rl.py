@@ -1,0 +1,150 @@
+"""Independent NumPy (float64) transcription of docs/algorithms.md sections 6 and 7 (online RL).
+
+Written from the spec with plain Python loops over rows and tokens; no jax, no import of
+alignjax. Rows are responses, `mask` marks tokens up to and including EOS.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def valid_tokens(mask_row):
+    return [t for t in range(len(mask_row)) if mask_row[t] > 0]
+
+
+def masked_mean(x, mask):
+    vals = [x[i, t] for i in range(x.shape[0]) for t in range(x.shape[1]) if mask[i, t] > 0]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def whiten(x, mask, shift_mean=True, unbiased=True, eps=1e-8):
+    vals = np.array([x[i, t] for i in range(x.shape[0]) for t in range(x.shape[1]) if mask[i, t] > 0])
+    mean = vals.mean()
+    var = vals.var(ddof=1 if unbiased else 0)
+    out = np.zeros_like(x, dtype=np.float64)
+    for i in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if mask[i, t] > 0:
+                out[i, t] = (x[i, t] - mean) / np.sqrt(var + eps) + (0.0 if shift_mean else mean)
+    return out
+
+
+def kl(logp, ref, kind):
+    d = np.asarray(logp, np.float64) - np.asarray(ref, np.float64)
+    return {"k1": d, "k2": d ** 2 / 2, "k3": np.exp(-d) + d - 1}[kind]
+
+
+def token_rewards(scores, kl_bt, mask, coef):
+    r = np.zeros(kl_bt.shape)
+    for i in range(r.shape[0]):
+        idx = valid_tokens(mask[i])
+        for t in idx:
+            r[i, t] = -coef * kl_bt[i, t]
+        if idx:
+            r[i, idx[-1]] += scores[i]
+    return r
+
+
+def adaptive_kl(beta, kl_value, n, target, horizon):
+    err = min(max(kl_value / target - 1, -0.2), 0.2)
+    return beta * (1 + err * n / horizon)
+
+
+def gae(rewards, values, mask, gamma, lam):
+    adv, ret = np.zeros(rewards.shape), np.zeros(rewards.shape)
+    for i in range(rewards.shape[0]):
+        idx = valid_tokens(mask[i])
+        last = 0.0
+        for j in reversed(range(len(idx))):
+            t = idx[j]
+            next_v = values[i, idx[j + 1]] if j + 1 < len(idx) else 0.0
+            delta = rewards[i, t] + gamma * next_v - values[i, t]
+            last = delta + gamma * lam * last
+            adv[i, t] = last
+            ret[i, t] = last + values[i, t]
+    return adv, ret
+
+
+def ppo_policy_loss(logp, old, adv, eps, dual_clip=None):
+    rho = np.exp(logp - old)
+    loss = np.maximum(-adv * rho, -adv * np.clip(rho, 1 - eps, 1 + eps))
+    if dual_clip is not None:
+        loss = np.where(adv < 0, np.minimum(loss, -dual_clip * adv), loss)
+    clipfrac = (-adv * np.clip(rho, 1 - eps, 1 + eps) > -adv * rho).astype(float)
+    return loss, clipfrac, 0.5 * (logp - old) ** 2
+
+
+def ppo_value_loss(v, v_old, ret, clip):
+    vc = np.clip(v, v_old - clip, v_old + clip)
+    return 0.5 * np.maximum((v - ret) ** 2, (vc - ret) ** 2)
+
+
+def grpo_advantages(scores, g, scale):
+    out = np.zeros(len(scores))
+    for start in range(0, len(scores), g):
+        grp = np.asarray(scores[start:start + g], np.float64)
+        for k in range(g):
+            a = grp[k] - grp.mean()
+            if scale == "group":
+                a /= grp.std(ddof=1) + 1e-4
+            elif scale == "batch":
+                a /= np.std(scores, ddof=1) + 1e-4
+            out[start + k] = a
+    return out
+
+
+def grpo_token_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, sequence_ratio=False):
+    loss = np.zeros(logp.shape)
+    for i in range(logp.shape[0]):
+        idx = valid_tokens(mask[i])
+        seq = np.mean([logp[i, t] - old[i, t] for t in idx]) if idx else 0.0
+        for t in range(logp.shape[1]):
+            rho = np.exp(seq if sequence_ratio else logp[i, t] - old[i, t])
+            l = -min(rho * adv[i], np.clip(rho, 1 - eps_low, 1 + eps_high) * adv[i])
+            x = ref[i, t] - logp[i, t]
+            loss[i, t] = l + beta * (np.exp(x) - x - 1)
+    return loss
+
+
+def aggregate(loss, mask, loss_type, max_len):
+    b = loss.shape[0]
+    if loss_type == "grpo":
+        rows = []
+        for i in range(b):
+            idx = valid_tokens(mask[i])
+            rows.append(sum(loss[i, t] for t in idx) / max(len(idx), 1))
+        return float(np.mean(rows))
+    total = sum(loss[i, t] for i in range(b) for t in valid_tokens(mask[i]))
+    if loss_type in ("bnpo", "dapo"):
+        return total / mask.sum()
+    return total / (b * max_len)  # dr_grpo
+
+
+def rloo_advantages(scores, seq_kl, g, beta):
+    r = np.asarray(scores, np.float64) - beta * np.asarray(seq_kl, np.float64)
+    out = np.zeros(len(r))
+    for start in range(0, len(r), g):
+        for k in range(g):
+            others = [r[start + j] for j in range(g) if j != k]
+            out[start + k] = r[start + k] - np.mean(others)
+    return out
+
+
+def reinforce_pp(scores, kl_bt, mask, beta, g=None):
+    scores = np.asarray(scores, np.float64).copy()
+    if g is not None:
+        for start in range(0, len(scores), g):
+            scores[start:start + g] -= scores[start:start + g].mean()
+    r = token_rewards(scores, kl_bt, mask, beta)
+    ret = np.zeros(r.shape)
+    for i in range(r.shape[0]):
+        acc = 0.0
+        for t in reversed(valid_tokens(mask[i])):
+            acc += r[i, t]
+            ret[i, t] = acc
+    return whiten(ret, mask, unbiased=False)
+
+
+def overlong(n, max_len, buf, factor):
+    return -min(max(n - (max_len - buf), 0), buf) / buf * factor
