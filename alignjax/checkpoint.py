@@ -25,6 +25,26 @@ from alignjax.errors import UserError
 ITEMS = ("state", "data", "meta")
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether a training run in `workdir` saved any step: only then do its config and tokenizer
+    pin the next run (a run that failed before its first save pins nothing)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def is_training_workdir(path: str) -> bool:
+    """A training workdir: checkpoints/, or the config.json `alignjax train` writes (an HF
+    config.json has no "algorithm" key)."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return True
+    try:
+        import json
+        with open(os.path.join(path, "config.json")) as f:
+            return "algorithm" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 class NoRestorableCheckpoint(UserError):
     pass
 
@@ -32,6 +52,7 @@ class NoRestorableCheckpoint(UserError):
 def _reason(e: BaseException) -> str:
     """The first line of an orbax/tensorstore error, short enough for one line of output."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
     return f"{type(e).__name__}: {text[:200]}"
 
 

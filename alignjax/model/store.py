@@ -106,11 +106,12 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
     if meta.get("params") == "checkpoints":  # a training workdir: its latest checkpoint
         from alignjax.checkpoint import Checkpointer
         ckpt = Checkpointer(path, every=1)
-        step = ckpt.latest_step()
+        try:  # the newest checkpoint that restores; damaged newer ones are moved aside
+            step, params = ckpt.restore_newest(lambda s: ckpt.restore_params(s, abstract))
+        finally:
+            ckpt.close()
         if step is None:
             raise ConfigError(f"{path}: training workdir without any checkpoint yet")
-        params = ckpt.restore_params(step, abstract)
-        ckpt.close()
     else:
         params = restore_params(os.path.join(path, "params"), abstract)
     tok_dir = os.path.join(path, "tokenizer")
