@@ -1,13 +1,16 @@
 """`alignjax <command>`: thin argument parsing around library functions.
 
 Heavy imports (jax, transformers) happen inside the handlers so `--help` is instant. Problems the
-user can fix (alignjax.errors.UserError and missing files) print one clear line, no traceback.
+user can fix (alignjax.errors.UserError and file-system errors naming a path) print one clear line,
+no traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
 
 EPILOG = """examples:
@@ -26,13 +29,15 @@ def parse_mesh(text: str | None) -> dict:
     """'data=2,fsdp=2,tensor=2' -> dict; empty means all devices on `data`."""
     if not text:
         return {"data": -1}
+    from alignjax.errors import UserError
     out = {}
     for part in text.split(","):
-        if "=" not in part:
-            raise SystemExit(f"alignjax: error: --mesh {text!r}: expected axis=size pairs such as "
-                             "data=2,fsdp=2,tensor=2")
-        k, v = part.split("=", 1)
-        out[k.strip()] = int(v)
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise UserError(f"--mesh {text!r}: expected axis=size pairs such as "
+                            "data=2,fsdp=2,tensor=2") from None
     return out
 
 
@@ -46,6 +51,8 @@ def _add_mesh(p):
 
 def cmd_convert_hf_to_alignjax(args):
     from alignjax import sharding as shd
+    from alignjax.errors import require_writable_dir
+    require_writable_dir(args.out, "--out")
     from alignjax.model.store import load_model, save_model_dir
     model = load_model(args.hf, shd.make_mesh(parse_mesh(args.mesh)), head=args.head)
     save_model_dir(args.out, model.params, model.config, model.head, model.tokenizer_dir,
@@ -56,6 +63,8 @@ def cmd_convert_hf_to_alignjax(args):
 
 def cmd_convert_alignjax_to_hf(args):
     from alignjax import sharding as shd
+    from alignjax.errors import require_writable_dir
+    require_writable_dir(args.out, "--out")
     from alignjax.model.store import export_hf, load_model
     model = load_model(args.ckpt, shd.make_mesh(parse_mesh(args.mesh)))
     files = export_hf(model, args.out, dtype=args.dtype,
@@ -101,9 +110,10 @@ def cmd_train(args):
 
 def run_training(config, workdir: str) -> dict:
     """Validate, record the resolved config, then run (or resume) the configured algorithm."""
-    import os
     import jax
     from alignjax.config import check_resume_config, load_saved_config, save_config, validate_config
+    from alignjax.errors import require_writable_dir
+    require_writable_dir(workdir, "--workdir")
     validate_config(config, jax.device_count())
     if os.path.exists(os.path.join(workdir, "config.json")):
         changed = check_resume_config(load_saved_config(workdir), config)
@@ -118,7 +128,6 @@ def run_training(config, workdir: str) -> dict:
 
 
 def cmd_sweep(args):
-    import os
     from alignjax.config import expand_sweep, load_config
     base, runs = expand_sweep(args.sweep)
     print(f"sweep {args.sweep}: {len(runs)} runs of {base}")
@@ -147,11 +156,16 @@ def cmd_score(args):
     from alignjax.data.tokenizer import load_tokenizer
     from alignjax.model.store import load_model
     from alignjax.train.reward import score_texts
+    from alignjax.errors import UserError
     if len(args.prompt) != len(args.response):
-        raise SystemExit("alignjax: error: give one --response per --prompt")
+        raise UserError(f"give one --response per --prompt (got {len(args.prompt)} --prompt, "
+                        f"{len(args.response)} --response)")
+    if args.max_length < 2:  # a prompt token and a response token at least
+        raise UserError(f"--max-length {args.max_length}: must be >= 2 tokens (default 1024)")
     model = load_model(args.model, shd.make_mesh(parse_mesh(args.mesh)), head="scalar")
     if model.tokenizer_dir is None:
-        raise SystemExit(f"alignjax: error: {args.model}: no tokenizer stored with the model")
+        raise UserError(f"--model {args.model}: no tokenizer stored with the model; copy the "
+                        "tokenizer files into it")
     tok = load_tokenizer(model.tokenizer_dir)
     rewards = score_texts(model, tok, args.prompt, args.response, seq_len=args.max_length,
                           chat_template=not args.no_chat_template)
@@ -168,6 +182,8 @@ def cmd_sample(args):
     from alignjax import sampling
     from alignjax.model.store import load_model
     from alignjax.model.tokenize import load_model_tokenizer
+    from alignjax.errors import require_writable_file
+    require_writable_file(args.out, "--out")  # before any sampling work
     mesh = shd.make_mesh(parse_mesh(args.mesh))
     model = load_model(args.model, mesh, head="lm")
     tokenizer = load_model_tokenizer(model, args.model)
@@ -319,19 +335,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_platform() -> None:
+    """JAX_PLATFORMS=cpu on a host with no accelerator, unless the user chose a platform.
+
+    With the `tpu` extra installed, jax probes libtpu on every start and prints about six lines of
+    libtpu errors when no TPU is attached; a TPU VM has /dev/accel* or /dev/vfio, a GPU host
+    /dev/nvidia*, and those keep jax's own choice. `alignjax compile` loads libtpu on demand.
+    """
+    if "JAX_PLATFORMS" in os.environ:
+        return
+    if not any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio", "/dev/nvidia*")):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv=None):
+    quiet_platform()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides = [u for u in unknown if u.startswith("--config.")]
     rest = [u for u in unknown if not u.startswith("--config.")]
     if rest or (args.overrides and args.command not in ("train", "sweep", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
-    from alignjax.errors import UserError
+    from alignjax.errors import UserError, describe_os_error
     try:
         args.func(args)
-    except (UserError, FileNotFoundError) as e:
-        print(f"alignjax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UserError as e:
+        _fail(str(e))
+    except OSError as e:
+        if e.filename is None and not isinstance(e, FileNotFoundError):
+            raise  # no path to name: not the user's file system, a bug
+        _fail(describe_os_error(e) if e.filename is not None else str(e))
+    except KeyboardInterrupt:
+        print("alignjax: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _fail(message: str):
+    print(f"alignjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

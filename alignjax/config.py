@@ -83,14 +83,38 @@ def _load_module(path: str, what: str):
     in_repo = os.path.join(_REPO_ROOT, path)
     if not os.path.exists(path) and os.path.exists(in_repo):  # relative to the checkout too
         path = in_repo
+    example = "configs/sft.py:tiny" if what == "config" else "configs/sweeps/sft_lr.py"
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".py"))
+        raise ConfigError(f"{what} {path!r} is a directory; give a file in it, e.g. {example}"
+                          + (f" (there: {', '.join(found)})" if found else ""))
     if not os.path.isfile(path):
-        raise ConfigError(f"{what} file {path!r} not found (looked in {os.getcwd()} and "
-                          f"{_REPO_ROOT})")
+        where = dict.fromkeys([os.getcwd(), _REPO_ROOT])  # once each, in order
+        raise ConfigError(f"{what} file {path!r} not found (looked in {' and '.join(where)})")
+    if not path.endswith(".py"):
+        raise ConfigError(f"{what} {path!r} is not a Python config file (.py); use e.g. {example}")
     digest = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:10]
     spec = importlib.util.spec_from_file_location(f"_alignjax_cfg_{digest}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a file path, not a package import: configs/ is no package
+    try:
+        spec.loader.exec_module(module)  # a file path, not a package import: configs/ is no package
+    except SyntaxError as e:
+        raise ConfigError(f"{e.filename or path}:{e.lineno}: syntax error in the {what} file: "
+                          f"{e.msg}") from None
+    except Exception as e:  # an error while running the file: point at its line
+        raise ConfigError(f"{_where_in(path, e)}: error in the {what} file: "
+                          f"{type(e).__name__}: {e}") from None
     return module
+
+
+def _where_in(path: str, e: BaseException) -> str:
+    """``path:line`` of the innermost traceback frame inside ``path`` (just ``path`` if none)."""
+    line, tb = None, e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{path}:{line}" if line else path
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
@@ -111,7 +135,13 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     presets = tuple(getattr(module, "PRESETS", ()))
     if preset is not None and presets and preset not in presets:
         raise ConfigError(f"{path}: unknown preset {preset!r}; valid presets: {', '.join(presets)}")
-    config = get_config(preset)
+    try:
+        config = get_config(preset)
+    except ConfigError:
+        raise
+    except Exception as e:  # the file's own code failed: point at its line
+        raise ConfigError(f"{_where_in(module.__file__, e)}: get_config({preset!r}) failed: "
+                          f"{type(e).__name__}: {e}") from None
     if isinstance(config, dict):
         config = ConfigDict(config)
     if not isinstance(config, ConfigDict):

@@ -29,11 +29,42 @@ class WeightsError(UserError):
     """Missing, unexpected or malformed weights; the message names the tensor and file."""
 
 
+_DAMAGED = "re-download or re-export it"
+
+
 def _read_header(path: str):
+    """(tensor table, data start); a truncated or damaged header is a WeightsError naming the file."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated ({size} bytes, not even a header); {_DAMAGED}")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise WeightsError(f"{path}: truncated or not a safetensors file (the header claims "
+                               f"{n} bytes, the file has {size}); {_DAMAGED}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: damaged header ({e}); {_DAMAGED}") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: damaged header (not a JSON object); {_DAMAGED}")
     header.pop("__metadata__", None)
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: damaged header entry for tensor {key}; {_DAMAGED}") from None
+        if dtype not in DTYPES:
+            raise WeightsError(f"{path}: tensor {key} has unsupported dtype {dtype}")
+        if end - start != count * DTYPES[dtype].itemsize or start < 0:
+            raise WeightsError(f"{path}: damaged header: tensor {key} {info['shape']} {dtype} "
+                               f"spans bytes {start}..{end}; {_DAMAGED}")
+        if 8 + n + end > size:
+            raise WeightsError(f"{path}: truncated: tensor {key} needs bytes up to {8 + n + end}, "
+                               f"the file has {size}; {_DAMAGED}")
     return header, 8 + n
 
 
@@ -44,8 +75,12 @@ class SafetensorsReader:
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise WeightsError(f"{index_path}: damaged index ({type(e).__name__}: {e}); "
+                                   f"{_DAMAGED}") from None
             files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
             files = [SINGLE_FILE]
@@ -62,8 +97,6 @@ class SafetensorsReader:
                 raise WeightsError(f"{index_path} lists {name}, which does not exist")
             header, base = _read_header(path)
             for key, info in header.items():
-                if info["dtype"] not in DTYPES:
-                    raise WeightsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
                 start, end = info["data_offsets"]
                 self._where[key] = (path, DTYPES[info["dtype"]], tuple(info["shape"]),
                                     base + start, base + end)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from typing import Iterable, Sequence
 
 from alignjax.data.sources import DataError
@@ -140,6 +141,10 @@ def ensure_pad_token(tokenizer) -> bool:
     return True
 
 
+# A Hugging Face Hub repo id: "name" or "namespace/name" (anything else can only be a local path).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def load_tokenizer(path: str):
     """``AutoTokenizer.from_pretrained(path)`` with a clear error and a pad token != eos.
 
@@ -150,6 +155,12 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     path = str(path)
+    if not os.path.exists(path) and not _HUB_ID.fullmatch(path):
+        raise DataError(f"{path}: no such tokenizer directory (and not a Hub name such as "
+                        "meta-llama/Llama-3.2-1B); check the path (tokenizer.path in a config)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{path}: is a file; give the tokenizer's directory (tokenizer.json, "
+                        "tokenizer_config.json, ...)")
     if os.path.isdir(path):
         files = set(os.listdir(path))
         known = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"}
@@ -161,7 +172,9 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot load a tokenizer ({e})") from e
+        where = "" if os.path.isdir(path) else "no such local directory, and from the Hub: "
+        reason = " ".join(str(e).split())  # transformers' messages span lines
+        raise DataError(f"{path}: cannot load a tokenizer ({where}{reason})") from e
     ensure_pad_token(tokenizer)
     if tokenizer.chat_template is None:
         log.info("tokenizer %r has no chat template; the messages format will not work", path)

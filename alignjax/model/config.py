@@ -12,6 +12,9 @@ from typing import Any, Optional
 # HF model_type values whose weights follow the Llama layout and semantics we implement.
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# config.json keys without a sensible default: the weights' shapes follow from them.
+HF_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
 
 
 class ConfigError(UserError):
@@ -122,6 +125,14 @@ class LlamaConfig:
             raise ConfigError(
                 f"{source}: model_type={model_type!r} is not a Llama model; alignjax supports "
                 f"model_type in {SUPPORTED_MODEL_TYPES} (Llama 1/2/3/3.1/3.2)")
+        missing = [k for k in HF_REQUIRED_KEYS if hf.get(k) is None]
+        if missing:
+            raise ConfigError(f"{source}: missing {', '.join(missing)}; a Llama config.json needs "
+                              f"{', '.join(HF_REQUIRED_KEYS)} (re-download or re-export the model)")
+        bad = [f"{k}={hf[k]!r}" for k in HF_REQUIRED_KEYS
+               if not isinstance(hf[k], int) or isinstance(hf[k], bool) or hf[k] < 1]
+        if bad:
+            raise ConfigError(f"{source}: {', '.join(bad)}: must be positive integers")
         rope_scaling = hf.get("rope_scaling")
         rope_theta = hf.get("rope_theta")
         # transformers >= 5 folds rope_theta into `rope_parameters`.
@@ -165,8 +176,7 @@ class LlamaConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise ConfigError(f"{path}: no config.json; expected a Hugging Face model directory")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f), source=cfg_path, **runtime)
+        return cls.from_hf_dict(read_hf_config(cfg_path), source=cfg_path, **runtime)
 
     def to_hf_dict(self, architecture: str = "LlamaForCausalLM") -> dict:
         eos = self.eos_token_id
@@ -213,6 +223,21 @@ class LlamaConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**{**d, **runtime})
+
+
+def read_hf_config(path: str) -> dict:
+    """A Hugging Face config.json as a dict; a damaged file is a ConfigError naming file:line."""
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                          "re-download or re-export the model") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; re-download or re-export the model") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def _freeze(d: dict) -> tuple:
