@@ -179,7 +179,13 @@ class SFTFormatter:
         if fmt is None:
             raise DataError(f"{where}: cannot tell the record format from keys {sorted(record)}; "
                             f"expected keys {_EXPECTED}")
-        missing = [k for k in FORMAT_KEYS[fmt] if record.get(k) is None]
+        missing = [k for k in FORMAT_KEYS[fmt] if k not in record]
+        wrong = [f"{k!r} is {'null' if record[k] is None else type(record[k]).__name__}"
+                 for k in FORMAT_KEYS[fmt] if k in record and not isinstance(record[k], (str, list))]
+        if wrong and not missing:
+            raise DataError(f"{where}: {', '.join(wrong)}; format {fmt!r} needs "
+                            f"{' and '.join(map(repr, FORMAT_KEYS[fmt]))} as text (a string) or "
+                            "a list of messages")
         if missing:
             raise DataError(f"{where}: record lacks {missing} for format {fmt!r}; expected keys "
                             f"{list(FORMAT_KEYS[fmt])} (present: {sorted(record)})")
@@ -194,7 +200,8 @@ class SFTFormatter:
                 train = [i for i in range(len(prompt), len(msgs)) if msgs[i]["role"] == "assistant"]
                 return self.messages(msgs, train)
             if not isinstance(prompt, str) or not isinstance(completion, str):
-                raise ValueError("'prompt' and 'completion' must both be strings or both be "
+                raise ValueError(f"'prompt' is {type(prompt).__name__} and 'completion' is "
+                                 f"{type(completion).__name__}; both must be strings or both "
                                  "lists of messages")
             return self.prompt_completion(prompt, completion)
         except DataError:
