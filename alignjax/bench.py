@@ -1,7 +1,15 @@
-"""`alignjax bench forward|generate`: tokens/s of alignjax and of transformers' PyTorch Llama,
-measured in the same run on the same architecture, so the ratio is visible.
+"""`alignjax bench forward|generate|train`: tokens/s of alignjax and of transformers' PyTorch
+Llama, measured in the same run on the same architecture, so the ratio is visible.
 
-Weights are random (speed does not depend on their values); both sides use the same dtype.
+Weights and batches are random (speed does not depend on their values); both sides use the same
+dtype. `train` times one optimizer step: alignjax's jitted step (alignjax.train.step with the SFT
+or DPO sums function and alignjax's AdamW) against the same step in torch (LlamaForCausalLM +
+torch.optim.AdamW, gradient clipping 1.0 on both sides), i.e. the inner step of TRL's SFT and DPO
+trainers without their overhead. SFT: masked token NLL on [batch, seq_len]. DPO: `batch` pairs;
+the policy runs on chosen and rejected stacked on the batch axis ([2 * batch, seq_len]), the
+frozen reference (a colocated copy) runs forward only, sigmoid DPO loss with beta 0.1.
+MFU = model FLOPs/s / the hardware's peak FLOP/s (alignjax.train.metrics.peak_flops), with
+FLOPs from LlamaConfig.flops_per_token (the reference forward counts a third of a train token).
 """
 
 from __future__ import annotations
@@ -45,6 +53,127 @@ def _timeit(fn, steps: int) -> float:
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps
+
+
+TRAIN_ALGORITHMS = ("sft", "dpo")
+DPO_BETA = 0.1
+
+
+def train_flops_per_token(config, seq_len: int, algorithm: str) -> float:
+    """Model FLOPs per policy token of one train step (same convention as the train loop)."""
+    fpt = config.flops_per_token(seq_len)
+    return fpt * (1 + 1 / 3) if algorithm == "dpo" else fpt  # + the reference's forward
+
+
+def _train_batch(config, algorithm: str, batch: int, seq_len: int) -> dict:
+    """A synthetic batch: SFT [batch, T]; DPO [batch, 2, T] (chosen, rejected). Loss on the
+    second half of each row (the "completion"), like a prompt/response example."""
+    shape = (batch, seq_len) if algorithm == "sft" else (batch, 2, seq_len)
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(0, config.vocab_size, shape).astype(np.int32)
+    mask = np.zeros(shape, np.float32)
+    mask[..., seq_len // 2:-1] = 1.0
+    return dict(tokens=tokens, positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), shape).copy(),
+                segment_ids=np.ones(shape, np.int32), targets=np.roll(tokens, -1, axis=-1),
+                loss_mask=mask)
+
+
+def _optimizer_config():
+    from ml_collections import ConfigDict
+    return ConfigDict(dict(lr=1e-5, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, schedule="constant",
+                           warmup_steps=0, min_lr_ratio=0.0, grad_clip=1.0))
+
+
+def _jax_train(config, algorithm, batch, seq_len, steps, mesh_sizes):
+    """Seconds per optimizer step of alignjax's real jitted train step."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from ml_collections import ConfigDict
+    from alignjax import sharding as shd
+    from alignjax.model.params import build_module, init_params
+    from alignjax.train import dpo, sft
+    from alignjax.train.loop import to_global
+    from alignjax.train.optim import make_optimizer
+    from alignjax.train.state import init_state, state_shardings
+    from alignjax.train.step import make_train_step
+
+    mesh = shd.make_mesh(mesh_sizes)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % shards:
+        raise ConfigError(f"--batch {batch} is not a multiple of the mesh's data x fsdp = {shards} "
+                          "devices; choose a multiple, or --mesh data=1 (fewer devices)")
+    module = build_module(config)
+    optimizer, schedule = make_optimizer(_optimizer_config(), 1000)
+    _, shardings = state_shardings(module, optimizer, mesh)
+    params = init_params(module, jax.random.PRNGKey(0), mesh)
+    frozen = ()
+    if algorithm == "sft":
+        sums_fn, metrics_fn = sft.make_sums_fn(module), sft.metrics
+    else:
+        dpo_cfg = ConfigDict(dict(loss_type="dpo", beta=DPO_BETA))
+        sums_fn, metrics_fn = dpo.make_sums_fn(module, module, dpo_cfg, precomputed=False), dpo.metrics
+        frozen = (jax.tree_util.tree_map(lambda x: x.copy(), params),)  # colocated reference
+    state = init_state(params, optimizer, shardings, 0)
+    step_fn = jax.jit(make_train_step(sums_fn, metrics_fn, optimizer, schedule),
+                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    with shd.mesh_context(mesh):
+        data = to_global(_train_batch(config, algorithm, batch, seq_len), mesh, shd.DEFAULT_RULES)
+
+        def one():
+            nonlocal state
+            state, metrics = step_fn(state, data, *frozen)
+            jax.block_until_ready(metrics)
+
+        return _timeit(one, steps)
+
+
+def _torch_train(config, algorithm, batch, seq_len, steps):
+    """Seconds per optimizer step of the same step in PyTorch (what TRL runs inside)."""
+    import copy
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    hf = HFConfig(**{k: v for k, v in config.to_hf_dict().items() if k not in ("architectures",)})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf).to(device=device, dtype=torch_dtype).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    b = {k: torch.tensor(v, device=device, dtype=torch.float32 if v.dtype == np.float32 else torch.long)
+         for k, v in _train_batch(config, algorithm, batch, seq_len).items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def seq_logps(m, tokens, targets, mask):  # [N, T] -> summed response log-probs [N]
+        logits = m(tokens).logits.float()
+        logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return (logps * mask).sum(-1)
+
+    if algorithm == "sft":
+        def loss_fn():
+            logits = model(b["tokens"]).logits.float()
+            nll = F.cross_entropy(logits.transpose(1, 2), b["targets"], reduction="none")
+            return (nll * b["loss_mask"]).sum() / b["loss_mask"].sum()
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # [batch, 2, T] -> [2 * batch, T]: all chosen rows, then all rejected rows.
+        stacked = [b[k].transpose(0, 1).reshape(2 * batch, seq_len) for k in ("tokens", "targets", "loss_mask")]
+
+        def loss_fn():
+            policy = seq_logps(model, *stacked)
+            with torch.no_grad():
+                ref = seq_logps(reference, *stacked)
+            margin = (policy[:batch] - ref[:batch]) - (policy[batch:] - ref[batch:])
+            return -F.logsigmoid(DPO_BETA * margin).mean()
+
+    def one():
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    return _timeit(one, steps), device
 
 
 def _jax_side(config, what, batch, seq_len, new_tokens, steps, mesh_sizes):
@@ -101,38 +230,97 @@ def _torch_side(config, what, batch, seq_len, new_tokens, steps):
 
 
 def run(what: str, preset="small", hf_config=None, batch=8, seq_len=256, new_tokens=64, steps=5,
-        dtype="float32", mesh=None, with_torch=True) -> dict:
+        dtype="float32", mesh=None, with_torch=True, algorithm="sft") -> dict:
+    """One bench at one batch size -> a JSON-able dict (see format_result / format_table)."""
     import jax
+    from alignjax.train.metrics import peak_flops
     config = bench_config(preset, hf_config, dtype)
-    tps, secs = _jax_side(config, what, batch, seq_len, new_tokens, steps, mesh or {"data": -1})
-    result = dict(what=what, preset=hf_config or preset, dtype=dtype, batch=batch, seq_len=seq_len,
+    if what == "train" and algorithm not in TRAIN_ALGORITHMS:
+        raise ConfigError(f"--algorithm {algorithm!r}: choose one of {', '.join(TRAIN_ALGORITHMS)}")
+    mesh_sizes = mesh or {"data": -1}
+    # Tokens per call: train counts every sequence the policy trains on (DPO: 2 per pair).
+    if what == "train":
+        secs = _jax_train(config, algorithm, batch, seq_len, steps, mesh_sizes)
+        n_tokens = batch * seq_len * (2 if algorithm == "dpo" else 1)
+        tps = n_tokens / secs
+    else:
+        tps, secs = _jax_side(config, what, batch, seq_len, new_tokens, steps, mesh_sizes)
+    result = dict(what=what, algorithm=algorithm if what == "train" else None,
+                  preset=hf_config or preset, dtype=dtype, batch=batch, seq_len=seq_len,
                   new_tokens=new_tokens if what == "generate" else None,
                   params=config.num_params(), devices=f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                   host=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                   alignjax_tokens_per_s=tps, alignjax_s_per_call=secs)
-    if what == "forward":  # forward FLOPs ~ 2 * params per token, attention excluded
-        result["alignjax_tflops"] = 2 * config.num_params() * tps / 1e12
+    if what in ("forward", "train"):  # generation is memory-bound: MFU says little there
+        fpt = (train_flops_per_token(config, seq_len, algorithm) if what == "train"
+               else config.flops_per_token(seq_len) / 3)  # forward = a third of a train token
+        peak, source = peak_flops(dtype)
+        result.update(flops_per_token=fpt, peak_flops=peak, peak_source=source,
+                      alignjax_mfu=tps * fpt / peak)
     if with_torch:
         try:
-            ttps, tsecs, device = _torch_side(config, what, batch, seq_len, new_tokens, steps)
+            if what == "train":
+                tsecs, device = _torch_train(config, algorithm, batch, seq_len, steps)
+                ttps = n_tokens / tsecs
+            else:
+                ttps, tsecs, device = _torch_side(config, what, batch, seq_len, new_tokens, steps)
             result.update(torch_tokens_per_s=ttps, torch_s_per_call=tsecs, torch_device=device,
                           speedup=tps / ttps)
+            if "peak_flops" in result:
+                result["torch_mfu"] = ttps * result["flops_per_token"] / result["peak_flops"]
         except ImportError:
             result["torch_tokens_per_s"] = None
     return result
 
 
+def run_batches(what: str, batches, **kw) -> list[dict]:
+    """`run` once per batch size (the model and peak are rebuilt/cached; each is independent)."""
+    return [run(what, batch=b, **kw) for b in batches]
+
+
 def format_result(r: dict) -> str:
-    lines = [f"bench {r['what']}: preset={r['preset']} params={r['params']:,} dtype={r['dtype']} "
+    what = r["what"] + (f" --algorithm {r['algorithm']}" if r.get("algorithm") else "")
+    lines = [f"bench {what}: preset={r['preset']} params={r['params']:,} dtype={r['dtype']} "
              f"batch={r['batch']} seq_len={r['seq_len']}"
              + (f" new_tokens={r['new_tokens']}" if r["new_tokens"] else ""),
              f"  devices: {r['devices']}   host: {r['host']}",
              f"  alignjax (JAX)        {r['alignjax_tokens_per_s']:>12,.1f} tokens/s"
-             f"   ({r['alignjax_s_per_call'] * 1e3:.1f} ms/call)"]
+             f"   ({r['alignjax_s_per_call'] * 1e3:.1f} ms/call)" + _mfu(r, "alignjax_mfu")]
     if r.get("torch_tokens_per_s"):
         lines.append(f"  transformers (torch)  {r['torch_tokens_per_s']:>12,.1f} tokens/s"
-                     f"   ({r['torch_s_per_call'] * 1e3:.1f} ms/call, {r['torch_device']})")
+                     f"   ({r['torch_s_per_call'] * 1e3:.1f} ms/call, {r['torch_device']})"
+                     + _mfu(r, "torch_mfu"))
         lines.append(f"  ratio alignjax/torch: {r['speedup']:.2f}x")
     elif "torch_tokens_per_s" in r:
         lines.append("  transformers (torch): not installed")
+    if "peak_flops" in r:
+        lines.append(f"  MFU = {r['flops_per_token'] / 1e6:,.1f} MFLOP/token x tokens/s / peak "
+                     f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})")
+    return "\n".join(lines)
+
+
+def _mfu(r: dict, key: str) -> str:
+    return f"   MFU {100 * r[key]:.1f}%" if r.get(key) is not None else ""
+
+
+def format_table(results: list[dict]) -> str:
+    """Several batch sizes of one bench: a header, then one row per batch."""
+    first = results[0]
+    head = format_result(first).splitlines()[:2]
+    head[0] = head[0].replace(f"batch={first['batch']}", "batch=" + ",".join(str(r["batch"]) for r in results))
+    has_mfu = "peak_flops" in first
+    cols = f"  {'batch':>6} {'alignjax tok/s':>15} {'torch tok/s':>12} {'ratio':>7}"
+    cols += f" {'alignjax MFU':>13} {'torch MFU':>10}" if has_mfu else ""
+    lines = head + [cols]
+    for r in results:
+        t, tm = r.get("torch_tokens_per_s"), r.get("torch_mfu")
+        torch_tps = f"{t:,.1f}" if t else "-"
+        ratio = f"{r['speedup']:.2f}x" if t else "-"
+        row = f"  {r['batch']:>6} {r['alignjax_tokens_per_s']:>15,.1f} {torch_tps:>12} {ratio:>7}"
+        if has_mfu:
+            torch_mfu = f"{100 * tm:.1f}%" if tm is not None else "-"
+            row += f" {100 * r['alignjax_mfu']:>12.1f}% {torch_mfu:>10}"
+        lines.append(row)
+    if has_mfu:
+        lines.append(f"  MFU: model FLOPs/s / peak {first['peak_flops'] / 1e9:,.1f} GFLOP/s ({first['peak_source']})")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ EPILOG = """examples:
   alignjax convert alignjax-to-hf --ckpt ./ckpt/llama32-1b --out ./hf-out --dtype bfloat16
   alignjax sample --model runs/sft --prompts toy --reward toy --mode pairs --n 4 --out pairs.jsonl
   alignjax bench forward --preset small --batch 8 --seq-len 256
+  alignjax bench train --algorithm dpo --preset medium --batch 1,8 --seq-len 64
 """
 
 
@@ -204,13 +205,24 @@ def cmd_sample(args):
 
 def cmd_bench(args):
     from alignjax import bench
-    result = bench.run(args.what, preset=args.preset, hf_config=args.hf_config, batch=args.batch,
-                       seq_len=args.seq_len, new_tokens=args.new_tokens, steps=args.steps,
-                       dtype=args.dtype, mesh=parse_mesh(args.mesh), with_torch=not args.no_torch)
-    print(bench.format_result(result))
-    if args.json:
+    results = bench.run_batches(args.what, args.batch, preset=args.preset, hf_config=args.hf_config,
+                                seq_len=args.seq_len, new_tokens=args.new_tokens, steps=args.steps,
+                                dtype=args.dtype, mesh=parse_mesh(args.mesh), with_torch=not args.no_torch,
+                                algorithm=args.algorithm)
+    print(bench.format_result(results[0]) if len(results) == 1 else bench.format_table(results))
+    if args.json:  # one batch: the result object; several: {"results": [one per batch]}
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(results[0] if len(results) == 1 else {"results": results}, f, indent=2)
+
+
+def _batch_list(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive batch sizes, e.g. 8 or 1,8,32,64")
+    return sizes
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -319,12 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("bench", help="tokens/s of alignjax vs transformers (PyTorch)")
-    p.add_argument("what", choices=("forward", "generate"))
+    p = sub.add_parser("bench", help="tokens/s (and MFU) of alignjax vs transformers (PyTorch)")
+    p.add_argument("what", choices=("forward", "generate", "train"))
+    p.add_argument("--algorithm", choices=("sft", "dpo"), default="sft",
+                   help="train: the step to time (dpo: --batch counts pairs, with a frozen reference)")
     p.add_argument("--preset", default="small", help="model size preset: tiny, small, medium, 1b")
     p.add_argument("--hf-config", default=None, help="take the architecture from an HF config.json dir")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256, help="forward: sequence length; generate: prompt length")
+    p.add_argument("--batch", type=_batch_list, default=[8],
+                   help="batch size, or a comma-separated list (1,8,32,64): one table row each")
+    p.add_argument("--seq-len", type=int, default=256,
+                   help="forward/train: sequence length; generate: prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="generate: tokens per sequence")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions after warm-up")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")

@@ -111,7 +111,16 @@ class LlamaConfig:
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), attention included."""
+        """Model FLOPs to train on one token of a `seq_len` row: 3x the forward (backward = 2x).
+
+        The convention of PaLM's MFU (Chowdhery et al. 2022, appendix B), used by the train
+        loop's `mfu` and by `alignjax bench` for both alignjax and torch: forward = 2 FLOPs per
+        weight of every matmul (the layers and the LM head; the embedding lookup is no matmul)
+        + attention's two products QK^T and PV, 2 * 2 * layers * seq_len * heads * head_dim,
+        over all `seq_len` keys. Full, not causal: XLA's attention computes the whole masked
+        score matrix, so counting half would call real work waste. Norms, RoPE, softmax and the
+        optimizer update are not counted (each is O(params) or O(activations), not a matmul).
+        """
         n = self.num_params(include_embeddings=False) + self.vocab_size * self.hidden_size
         attn = 2 * self.num_hidden_layers * seq_len * self.num_attention_heads * self.head_dim
         return 6.0 * n + 6.0 * attn

@@ -20,7 +20,7 @@ from alignjax import sharding as shd
 from alignjax.checkpoint import Checkpointer
 from alignjax.errors import UserError
 from alignjax.model.store import MODEL_FILE
-from alignjax.train.metrics import MetricsWriter, device_peak_flops
+from alignjax.train.metrics import MetricsWriter, peak_flops
 from alignjax.train.optim import make_optimizer
 from alignjax.train.setup import Run, initial_params
 from alignjax.train.signals import StopOnSignal
@@ -99,13 +99,14 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     eval_fn = jax.jit(make_eval_step(algo.sums_fn), out_shardings=replicated)
 
     writer = MetricsWriter(workdir, start, steps, desc=algo.name)
-    peak, peak_source = device_peak_flops()
+    peak, peak_source = peak_flops(run.model_config.dtype)  # all devices of the run together
     flops_per_token = run.model_config.flops_per_token(int(config.data.seq_len))
     forward_only = len(algo.frozen) + ("ref_params" in state)
     if forward_only:  # frozen models run forward only: about a third of a training token each
         flops_per_token *= 1 + forward_only / 3
     log_every, eval_every = int(t.log_every), int(t.get("eval_every", 0) or 0)
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
+    waited, steps_since = 0.0, 0  # data_wait: seconds in next(train_iterator) per step
     try:
         with shd.mesh_context(run.mesh, run.rules), StopOnSignal() as stop:
             if algo.eval_iterator and start == 0 and t.get("eval_on_start", False):
@@ -113,7 +114,9 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                 writer.write(0, last)
                 clock = time.perf_counter()
             for step in range(start + 1, steps + 1):
+                wait_start = time.perf_counter()
                 local = next(algo.train_iterator)
+                waited, steps_since = waited + time.perf_counter() - wait_start, steps_since + 1
                 tokens_since += _count_tokens(local, algo) * jax.process_count()
                 state, metrics = step_fn(state, to_global(local, run.mesh, run.rules), *algo.frozen)
                 if compiles is None:
@@ -127,7 +130,9 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                     _check_finite(row, step, config, ckpt)
                     elapsed, clock = time.perf_counter() - clock, time.perf_counter()
                     tps, tokens_since = tokens_since / elapsed, 0
-                    row.update(tokens_per_s=tps, mfu=tps * flops_per_token / (peak * jax.device_count()))
+                    row.update(tokens_per_s=tps, mfu=tps * flops_per_token / peak,
+                               data_wait=waited / steps_since)
+                    waited, steps_since = 0.0, 0
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
                     row.update(evaluate(eval_fn, state, algo, run, config))
                     clock = time.perf_counter()  # eval time is not training throughput

@@ -10,36 +10,110 @@ from typing import Optional
 import jax
 import numpy as np
 
-PEAK_FLOPS_CACHE: dict = {}
+PEAK_FLOPS_CACHE: dict = {}  # in-process copy of the on-disk cache below
+CACHE_ENV = "ALIGNJAX_CACHE_DIR"  # default ~/.cache/alignjax (or $XDG_CACHE_HOME/alignjax)
 
 
-def device_peak_flops() -> tuple[float, str]:
-    """Peak FLOP/s of one local device: the table for TPUs/GPUs, else measured on the spot."""
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """Peak FLOP/s of all the hardware this run has (every process), for MFU.
+
+    MFU = model FLOPs/s of the whole run / this number. TPUs and GPUs: the vendor's dense peak
+    per chip (alignjax.aot's table) times the device count. CPUs: a measured matmul peak of the
+    host (see `cpu_peak_flops`) times the process count; fake CPU devices
+    (--xla_force_host_platform_device_count) share the host's cores, so they add nothing.
+    """
     kind = jax.devices()[0].device_kind
-    try:
-        from alignjax.aot import peak_flops_for
-        peak = peak_flops_for(kind)
-    except ImportError:
-        peak = None
+    from alignjax.aot import peak_flops_for
+    peak = peak_flops_for(kind)
     if peak:
-        return float(peak), f"{kind} (table)"
-    if kind not in PEAK_FLOPS_CACHE:
-        PEAK_FLOPS_CACHE[kind] = _measure_matmul_flops()
-    return PEAK_FLOPS_CACHE[kind], f"{kind} (measured matmul)"
+        return float(peak) * jax.device_count(), f"{jax.device_count()}x {kind} (table)"
+    host = cpu_peak_flops(dtype)
+    return host * jax.process_count(), f"{jax.process_count()}x host {kind} {dtype} (measured matmul)"
 
 
-def _measure_matmul_flops(n: int = 512, reps: int = 8) -> float:
-    """Sustained float32 matmul FLOP/s of all local devices together, divided per device."""
-    x = jax.numpy.ones((n, n), jax.numpy.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    start = time.perf_counter()
+def cpu_peak_flops(dtype: str = "float32", *, refresh: bool = False) -> float:
+    """Best matmul FLOP/s of this host's JAX CPU devices, measured once per machine and cached.
+
+    The cache file ($ALIGNJAX_CACHE_DIR or ~/.cache/alignjax)/peak_flops.json is keyed by device
+    kind, CPU model, core count, local device count and dtype. `refresh=True` measures again.
+    """
+    key = _machine_key(dtype)
+    if not refresh and key in PEAK_FLOPS_CACHE:
+        return PEAK_FLOPS_CACHE[key]
+    path = os.path.join(cache_dir(), "peak_flops.json")
+    table = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            table = {}  # a damaged cache is re-measured and rewritten
+    if refresh or key not in table:
+        table[key] = measure_matmul_flops(dtype)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+        except OSError:
+            pass  # a read-only home: keep the measurement for this process only
+    PEAK_FLOPS_CACHE[key] = float(table[key])
+    return PEAK_FLOPS_CACHE[key]
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get(CACHE_ENV) or os.path.join(base, "alignjax")
+
+
+def _machine_key(dtype: str) -> str:
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{jax.devices()[0].device_kind}|{cpu}|{os.cpu_count()} cores|"
+            f"{jax.local_device_count()} devices|{dtype}")
+
+
+def measure_matmul_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+    """Matmul FLOP/s of the host: best of `reps` timed n x n products in `dtype`, taking the
+    better of one device's matmul and one matmul on every local device at once.
+
+    Inputs are random normal scaled by 1/sqrt(n), so products stay O(1) (no overflow to inf,
+    no denormals); each call is timed alone and the fastest counts (the least disturbed by
+    other load on the machine).
+    """
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.local_devices()
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / np.sqrt(n)
+    one = jax.device_put(a.astype(dtype), devices[0])
+    best = _best_rate(jax.jit(lambda x: x @ x), one, 2.0 * n ** 3, reps)
+    if len(devices) > 1:
+        mesh = Mesh(np.array(devices), ("d",))
+        many = jax.device_put(jnp.broadcast_to(one, (len(devices), n, n)),
+                              NamedSharding(mesh, PartitionSpec("d")))
+        best = max(best, _best_rate(jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x)), many,
+                                    2.0 * n ** 3 * len(devices), max(2, reps // 2)))
+    return best
+
+
+def _best_rate(fn, x, flops: float, reps: int) -> float:
+    out = fn(x)
+    out.block_until_ready()  # compile + warm-up
+    if not bool(jax.numpy.isfinite(out).all()):
+        raise RuntimeError("peak-FLOPs matmul overflowed; this is a bug")
+    best = float("inf")
     for _ in range(reps):
-        x = f(x)
-    x.block_until_ready()
-    # Fake CPU devices share the host's cores: one device's matmul already uses them all.
-    per_call = (time.perf_counter() - start) / reps
-    return 2 * n**3 / per_call / max(1, jax.local_device_count())
+        start = time.perf_counter()
+        fn(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
 
 
 class MetricsWriter:
