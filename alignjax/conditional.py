@@ -1,4 +1,4 @@
-"""Conditional-token training (Quark / "conditional tokens"; ALGORITHMS.md section 5).
+"""Conditional-token training (Quark / "conditional tokens"; docs/algorithms.md section 5).
 
 Two control tokens join the vocabulary; every training example's prompt is prefixed by the token
 its score earns (<|good|> or <|bad|>), with probability `drop_prob` (0.01) by none so the model

@@ -1,4 +1,4 @@
-"""Sampling-based data (ALGORITHMS.md section 5): sample n responses per prompt from a policy,
+"""Sampling-based data (docs/algorithms.md section 5): sample n responses per prompt from a policy,
 score them with a reward, and keep what a method needs.
 
 - ``best_of_n``: the best response per prompt, as SFT records (one round of expert iteration).

@@ -1,4 +1,4 @@
-"""Independent NumPy (float64) transcription of ALGORITHMS.md sections 1-4.
+"""Independent NumPy (float64) transcription of docs/algorithms.md sections 1-4.
 
 Written from the spec, not from alignjax: plain loops where the formula is a sum over
 responses, no jax, no import of the implementation. Inputs are 1-D arrays per pair (or lists of

@@ -1,4 +1,4 @@
-"""alignjax.losses vs the NumPy transcription of ALGORITHMS.md (tests/reference_losses.py)."""
+"""alignjax.losses vs the NumPy transcription of docs/algorithms.md (tests/reference_losses.py)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Sampling-based data (ALGORITHMS.md section 5): selection rules and `alignjax sample` end to end."""
+"""Sampling-based data (docs/algorithms.md section 5): selection rules and `alignjax sample` end to end."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Pure loss functions and the shared log-prob kernel (ALGORITHMS.md sections 1-4)."""
+"""Pure loss functions and the shared log-prob kernel (docs/algorithms.md sections 1-4)."""
 
 from alignjax.losses.logprobs import TokenStats, sequence_logps, token_logps, token_stats
 from alignjax.losses.preference import PAIR_LOSSES, PairLogps, PrefHParams, preference_loss

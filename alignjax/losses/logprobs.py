@@ -1,4 +1,4 @@
-"""The one log-prob kernel every loss is fed from (ALGORITHMS.md, "All log-probs").
+"""The one log-prob kernel every loss is fed from (docs/algorithms.md, "All log-probs").
 
 Per-token log-probs of given target tokens, computed from the final hidden states and the
 LM-head kernel in chunks of the time axis, so the float32 [B, T, V] logits are never all alive

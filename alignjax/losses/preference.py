@@ -1,11 +1,11 @@
-"""Pairwise preference losses (ALGORITHMS.md sections 3 and 4).
+"""Pairwise preference losses (docs/algorithms.md sections 3 and 4).
 
 Every loss is a pure function `fn(x: PairLogps, hp: PrefHParams) -> loss_b` of per-sequence
 log-prob sums and lengths, registered in `PAIR_LOSSES`; adding a loss is one function plus one
 registry line. `preference_loss` combines one or several of them with weights and returns the
 metrics under the names TRL users read.
 
-Notation (ALGORITHMS.md): u_w = logp_pi(y_w) - logp_ref(y_w), u_l likewise, h = u_w - u_l,
+Notation (docs/algorithms.md): u_w = logp_pi(y_w) - logp_ref(y_w), u_l likewise, h = u_w - u_l,
 a = avg logp = logp / |y|, log sigma(z) = jax.nn.log_sigmoid(z) = -softplus(-z).
 """
 

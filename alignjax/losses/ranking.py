@@ -1,4 +1,4 @@
-"""Ranking and unpaired losses (ALGORITHMS.md section 4): RRHF, PRO, KTO.
+"""Ranking and unpaired losses (docs/algorithms.md section 4): RRHF, PRO, KTO.
 
 Ranked inputs are groups of K responses per prompt, [B, K]: `logps_bk` sums of policy log-probs,
 `lengths_bk` completion token counts, `valid_bk` (a group may hold fewer than K responses; the

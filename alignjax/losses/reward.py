@@ -1,4 +1,4 @@
-"""Bradley-Terry reward-model loss (ALGORITHMS.md section 2)."""
+"""Bradley-Terry reward-model loss (docs/algorithms.md section 2)."""
 
 from __future__ import annotations
 

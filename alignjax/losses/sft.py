@@ -1,4 +1,4 @@
-"""Supervised fine-tuning loss (ALGORITHMS.md section 1).
+"""Supervised fine-tuning loss (docs/algorithms.md section 1).
 
 Loss = sum of token NLL / number of target tokens in the whole optimizer step. A trainer that
 accumulates micro-batches sums `sft_loss_sums` over them and divides once at the end

@@ -1,4 +1,4 @@
-"""Preference optimisation (ALGORITHMS.md sections 3-4): the DPO family, RRHF/PRO and KTO.
+"""Preference optimisation (docs/algorithms.md sections 3-4): the DPO family, RRHF/PRO and KTO.
 
 `dpo.loss_type` is a name or a weighted sum: "dpo+sft" (RPO), "dpo:1.0+sft:0.5", or a list of
 (name, weight) pairs. Pairwise

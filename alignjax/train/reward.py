@@ -1,4 +1,4 @@
-"""Reward model training (ALGORITHMS.md section 2): Llama backbone + scalar head, Bradley-Terry.
+"""Reward model training (docs/algorithms.md section 2): Llama backbone + scalar head, Bradley-Terry.
 
 The reward is read at the last non-pad token of prompt+response (the EOS). After training, the
 mean and std of rewards on the eval pairs are stored with the model (`reward_stats`) so PPO can

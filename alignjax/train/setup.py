@@ -88,7 +88,7 @@ def initial_params(config, module, mesh, rules_):
     """Converted weights when `model.init_from` is set (params only), else a seeded random init.
 
     A scalar-head model (reward, value) started from a language model keeps the backbone and gets a
-    fresh score head: N(0, 1/(d_model+1)) as ALGORITHMS.md section 2 asks.
+    fresh score head: N(0, 1/(d_model+1)) as docs/algorithms.md section 2 asks.
     """
     if not config.model.get("init_from"):
         return init_params(module, jax.random.PRNGKey(int(config.train.seed)), mesh, rules_)
