@@ -54,10 +54,11 @@ def cmd_convert_hf_to_alignjax(args):
     from alignjax import sharding as shd
     from alignjax.errors import require_writable_dir
     require_writable_dir(args.out, "--out")
-    from alignjax.model.store import load_model, save_model_dir
+    from alignjax.model.store import check_output_dir, load_model, save_model_dir
+    check_output_dir(args.out, args.overwrite)  # before loading: never into a training workdir
     model = load_model(args.hf, shd.make_mesh(parse_mesh(args.mesh)), head=args.head)
     save_model_dir(args.out, model.params, model.config, model.head, model.tokenizer_dir,
-                   model.extra.get("generation_config"))
+                   model.extra.get("generation_config"), overwrite=args.overwrite)
     n = model.config.num_params() if model.head == "lm" else None
     print(f"wrote alignjax model ({model.head} head{f', {n:,} parameters' if n else ''}) to {args.out}")
 
@@ -66,10 +67,11 @@ def cmd_convert_alignjax_to_hf(args):
     from alignjax import sharding as shd
     from alignjax.errors import require_writable_dir
     require_writable_dir(args.out, "--out")
-    from alignjax.model.store import export_hf, load_model
+    from alignjax.model.store import check_output_dir, export_hf, load_model
+    check_output_dir(args.out, args.overwrite)  # before loading: never into a training workdir
     model = load_model(args.ckpt, shd.make_mesh(parse_mesh(args.mesh)))
     files = export_hf(model, args.out, dtype=args.dtype,
-                      max_shard_bytes=int(args.max_shard_gb * 1024**3))
+                      max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
     arch = "LlamaForSequenceClassification" if model.head == "scalar" else "LlamaForCausalLM"
     print(f"wrote {arch} ({args.dtype}) to {args.out}: {len(files)} files")
 
@@ -116,7 +118,8 @@ def run_training(config, workdir: str) -> dict:
     from alignjax.errors import require_writable_dir
     require_writable_dir(workdir, "--workdir")
     validate_config(config, jax.device_count())
-    if os.path.exists(os.path.join(workdir, "config.json")):
+    from alignjax.checkpoint import has_checkpoint
+    if has_checkpoint(workdir):  # a run that never saved a step pins nothing
         changed = check_resume_config(load_saved_config(workdir), config)
         if changed:
             print("resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
@@ -194,7 +197,8 @@ def cmd_sample(args):
         model, tokenizer, prompts, reward_fn, args.mode, args.n, args.out,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        chat=not args.no_chat, rso_beta=args.rso_beta, rso_accept_n=args.rso_accept)
+        chat=not args.no_chat, rso_beta=args.rso_beta, rso_accept_n=args.rso_accept,
+        run_key={"model": args.model, "reward": args.reward, "prompts": args.prompts})
     print(f"wrote {report.records} {args.mode} records to {args.out} from {report.prompts} prompts x "
           f"{args.n} samples; mean reward {report.mean_reward:.4f}, best-of-{args.n} "
           f"{report.best_of_n_reward:.4f}"
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output alignjax model directory")
     p.add_argument("--head", choices=("lm", "scalar"), default=None,
                    help="force the head (default: from config.json architectures)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never a training workdir)")
     _add_mesh(p)
     p.set_defaults(func=cmd_convert_hf_to_alignjax)
     p = conv_sub.add_parser("alignjax-to-hf", help="alignjax model directory -> HF directory")
@@ -247,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="max size of one safetensors file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never a training workdir)")
     _add_mesh(p)
     p.set_defaults(func=cmd_convert_alignjax_to_hf)
 

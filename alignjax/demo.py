@@ -91,7 +91,7 @@ def _export_and_generate(model_dir: str, hf_dir: str, samples) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from alignjax.model.store import export_hf, load_model
 
-    files = export_hf(load_model(model_dir), hf_dir)
+    files = export_hf(load_model(model_dir), hf_dir, overwrite=True)  # a rerun replaces it
     print(f"exported {model_dir} -> {hf_dir} ({len(files)} files)")
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -119,7 +119,7 @@ def _export_and_score(model_dir: str, hf_dir: str) -> bool:
     from alignjax.train.reward import score_texts
 
     model = load_model(model_dir)
-    export_hf(model, hf_dir)
+    export_hf(model, hf_dir, overwrite=True)
     prompts = ["sort: 7 3 5", "sort: 7 3 5", "reverse: cat dog fox", "reverse: cat dog fox"]
     responses = ["3 5 7", "3 7 5", "fox dog cat", "fox cat dog"]
     ours = score_texts(model, load_tokenizer(model.tokenizer_dir), prompts, responses, seq_len=64)

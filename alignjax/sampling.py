@@ -159,8 +159,16 @@ class SampleReport:
 def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable, mode: str, n: int,
                    out_path: str, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0, chat: bool = True,
-                   rso_beta: float = 0.5, rso_accept_n: int = 8, progress: bool = True) -> SampleReport:
-    """Samples `n` responses per prompt with the KV-cache generator, scores them, writes JSONL."""
+                   rso_beta: float = 0.5, rso_accept_n: int = 8, progress: bool = True,
+                   run_key: Optional[dict] = None) -> SampleReport:
+    """Samples `n` responses per prompt with the KV-cache generator, scores them, writes JSONL.
+
+    Prompts go in chunks of about `batch_size` sequences; each chunk's scored samples are appended
+    to OUT.partial as soon as they exist, so a run that stops (crash, Ctrl-C, full disk) continues
+    from there when the same command runs again. `run_key` (e.g. the model and reward paths) and
+    the sampling settings must match for a partial file to be reused. OUT itself is written
+    atomically (temporary file + rename) at the end.
+    """
     from alignjax.data.tokenizer import stop_token_ids
     from alignjax.model.generate import Generator, SamplingParams
     from alignjax.model.tokenize import encode_prompts
@@ -171,12 +179,32 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
     gen = Generator(model.module, model.mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     ids = encode_prompts(tokenizer, prompts, chat=chat)
-    rows = [i for i in range(len(prompts)) for _ in range(n)]  # a prompt's n copies side by side
-    sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed)
-    texts = gen.generate_texts(model.params, tokenizer, [ids[i] for i in rows], sp, batch_size,
-                               progress=progress, desc="sample")
-    rewards = np.asarray(reward_fn([prompts[i] for i in rows], texts), np.float64).reshape(len(prompts), n)
+    key = {**(run_key or {}), "prompts_sha1": _sha1(prompts), "n": n, "temperature": temperature,
+           "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+           "batch_size": batch_size, "seed": seed, "chat": chat}
+    partial = out_path + ".partial"
+    done = _read_partial(partial, key)  # prompt index -> (texts, rewards) of an earlier run
+    per_chunk = max(1, batch_size // n)  # whole prompts: a prompt's n copies side by side
+    chunks = [range(s, min(s + per_chunk, len(prompts))) for s in range(0, len(prompts), per_chunk)]
+    todo = [(c, ch) for c, ch in enumerate(chunks) if any(p not in done for p in ch)]
+    if done and todo:
+        print(f"resuming from {partial}: {len(done)} of {len(prompts)} prompts already sampled")
+    if not done:
+        _write_lines(partial, [{"partial_of": out_path, "key": key}], mode="w")
+    from tqdm import tqdm
+    for c, chunk in tqdm(todo, desc="sample", unit="chunk", disable=not progress):
+        rows = [p for p in chunk for _ in range(n)]
+        # A chunk's draws depend only on its index, so a resumed run samples what this one would.
+        sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed * 1_000_003 + c)
+        texts = gen.generate_texts(model.params, tokenizer, [ids[p] for p in rows], sp, batch_size)
+        rewards = np.asarray(reward_fn([prompts[p] for p in rows], texts), np.float64).reshape(-1, n)
+        lines = [{"i": p, "texts": texts[j * n:(j + 1) * n], "rewards": rewards[j].tolist()}
+                 for j, p in enumerate(chunk)]
+        _write_lines(partial, lines, mode="a")
+        done.update({line["i"]: (line["texts"], line["rewards"]) for line in lines})
+    texts = [t for p in range(len(prompts)) for t in done[p][0]]
+    rewards = np.asarray([done[p][1] for p in range(len(prompts))], np.float64)
     rng = np.random.default_rng(seed)
     records, skipped = [], 0
     for p, prompt in enumerate(prompts):
@@ -184,9 +212,50 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
         skipped += mode != "best_of_n" and not got
         records += got
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    _write_lines(out_path + ".tmp", records, mode="w")
+    os.replace(out_path + ".tmp", out_path)
+    os.remove(partial)
     empty = sum(not t.strip() for t in texts)
-    return SampleReport(len(prompts), len(rows), len(records), int(skipped), empty, float(rewards.mean()),
+    return SampleReport(len(prompts), len(texts), len(records), int(skipped), empty, float(rewards.mean()),
                         float(rewards.max(axis=1).mean()))
+
+
+def _sha1(texts: Sequence[str]) -> str:
+    import hashlib
+    h = hashlib.sha1()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _write_lines(path: str, rows: Sequence[dict], mode: str) -> None:
+    """JSONL rows, flushed to disk before returning (a crash after it keeps them)."""
+    with open(path, mode, encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_partial(path: str, key: dict) -> dict:
+    """{prompt index: (texts, rewards)} from an earlier run's OUT.partial with the same settings;
+    {} when there is none or it was made with other settings (it is then started afresh)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        header = {}
+    if header.get("key") != json.loads(json.dumps(key)):
+        print(f"{path}: made with other settings; sampling again from the start")
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except ValueError:  # the line a crash cut short: sampled again
+            continue
+        done[int(row["i"])] = (row["texts"], row["rewards"])
+    return done

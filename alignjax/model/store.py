@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 
 from alignjax import sharding as shd
 from alignjax.convert.hf import ARCHITECTURES, load_hf_params
+from alignjax.errors import UserError
 from alignjax.model.config import ConfigError, LlamaConfig
 from alignjax.model.llama import Llama
 from alignjax.model.params import abstract_params, build_module
@@ -128,12 +129,82 @@ def restore_params(params_dir: str, abstract):
         return ckptr.restore(params_dir, abstract)
 
 
+# ---- writing model directories: never into a training workdir, never half-written -------------
+
+def _partial_dir(out_dir: str) -> str:
+    """The temporary sibling an output is written into before it is renamed into place."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.alignjax-partial")
+
+
+def check_output_dir(out_dir: str, overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuses a training workdir (writing there breaks its resume, even with `overwrite`) and a
+    non-empty directory unless `overwrite`. Cheap: commands call it before loading anything."""
+    from alignjax.checkpoint import is_training_workdir
+    out = os.path.abspath(out_dir)
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UserError(f"{flag} {out_dir}: exists and is not a directory; choose a new directory")
+        if is_training_workdir(out):
+            raise UserError(f"{flag} {out_dir} is a training workdir (checkpoints/, config.json); "
+                            "writing there would break its resume. Choose another directory")
+        if os.listdir(out) and not overwrite:
+            raise UserError(f"{flag} {out_dir}: directory is not empty; choose a new directory, "
+                            "or pass --overwrite to replace it")
+
+
+def begin_output_dir(out_dir: str, overwrite: bool = False, flag: str = "--out") -> str:
+    """`check_output_dir`, then an empty temporary sibling to write into. The old output stays
+    until `finish_output_dir`."""
+    check_output_dir(out_dir, overwrite, flag)
+    partial = _partial_dir(out_dir)
+    if jax.process_index() == 0:
+        if os.path.exists(partial):  # left by an export that crashed: ours by its name
+            shutil.rmtree(partial)
+        os.makedirs(partial)
+    return partial
+
+
+def finish_output_dir(partial: str, out_dir: str) -> None:
+    """Renames the complete `partial` into place; an old `out_dir` is removed only after that."""
+    if jax.process_index() != 0:
+        return
+    out = os.path.abspath(out_dir)
+    old = None
+    if os.path.exists(out):
+        old = f"{partial}-old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(out, old)
+    os.rename(partial, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def _write_output_dir(out_dir: str, overwrite: bool, write) -> Any:
+    """`write(tmp_dir)` into a temporary sibling, then rename; a failure leaves `out_dir` as it was."""
+    partial = begin_output_dir(out_dir, overwrite)
+    try:
+        result = write(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finish_output_dir(partial, out_dir)
+    return result
+
+
 def save_model_dir(out_dir: str, params, config: LlamaConfig, head: str = "lm",
                    tokenizer_dir: Optional[str] = None, generation_config: Optional[dict] = None,
-                   extra: Optional[dict] = None):
-    """Writes an alignjax model directory (all processes call this; orbax coordinates them)."""
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+                   extra: Optional[dict] = None, overwrite: bool = False):
+    """Writes an alignjax model directory (all processes call this; orbax coordinates them).
+
+    Refuses a training workdir and, unless `overwrite`, a non-empty directory; the files are
+    written next to it and renamed into place when complete."""
+    return _write_output_dir(out_dir, overwrite, lambda tmp: _save_model_files(
+        tmp, params, config, head, tokenizer_dir, generation_config, extra))
+
+
+def _save_model_files(out_dir, params, config, head, tokenizer_dir, generation_config, extra):
     params_dir = os.path.join(out_dir, "params")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, params, force=True)
@@ -161,15 +232,23 @@ def copy_tokenizer_files(src: str, dst: str) -> list:
 
 
 def export_hf(model: LoadedModel, out_dir: str, dtype: str = "float32",
-              max_shard_bytes: int = 2 * 1024**3) -> list:
-    """Writes an HF directory transformers loads: sharded safetensors, index, config, tokenizer."""
+              max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> list:
+    """Writes an HF directory transformers loads: sharded safetensors, index, config, tokenizer.
+
+    Refuses a training workdir and, unless `overwrite`, a non-empty directory; the files are
+    written next to it and renamed into place when complete."""
     import ml_dtypes
     import numpy as np
-    from alignjax.convert.hf import save_hf_weights
     np_dtype = {"float32": np.float32, "float16": np.float16,
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}.get(dtype)
     if np_dtype is None:
         raise ConfigError(f"--dtype {dtype}: use bfloat16, float16 or float32")
+    return _write_output_dir(out_dir, overwrite, lambda tmp: _export_hf_files(
+        model, tmp, dtype, np_dtype, max_shard_bytes))
+
+
+def _export_hf_files(model: LoadedModel, out_dir: str, dtype: str, np_dtype, max_shard_bytes: int):
+    from alignjax.convert.hf import save_hf_weights
     files = save_hf_weights(model.params, model.config, out_dir, model.head, np_dtype, max_shard_bytes)
     if jax.process_index() != 0:
         return []

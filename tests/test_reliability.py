@@ -1,0 +1,234 @@
+"""Never lose or damage a user's work (issue 10): export safety, SIGINT/SIGTERM saves, resumable
+`sample --out`, damaged-checkpoint fallback, config pinning only by a saved step.
+
+One small SFT run (module fixture, in-process) is the workdir the tests copy and damage, and the
+uninterrupted reference the signal test compares against.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from alignjax.cli import main as cli_main
+from alignjax.cli import run_training
+from alignjax.config import load_config
+from alignjax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 40  # long enough that a signal sent after step 3 always lands mid-run
+SMALL = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "checkpoint.every=20",
+         "checkpoint.async_save=False", "optimizer.warmup_steps=2", "data.seq_len=32",
+         "train.batch_size=8", "model.hidden_size=32", "model.intermediate_size=64",
+         "model.num_hidden_layers=1", "data.eval="]
+
+
+def _config(extra=()):
+    return load_config("configs/sft.py:tiny", SMALL + list(extra))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rel_run")
+    run_training(_config(), str(workdir))
+    return workdir
+
+
+def _copy(src, tmp_path, name="w"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _digest(path) -> dict:
+    """{relative file: sha1} of everything under `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, path)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _fails(argv, capsys) -> str:
+    """Runs the CLI in-process, expects a non-zero exit; returns stderr (checked to be one line)."""
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+# ---- exports never write into a training workdir, nor half-write -------------------------------
+
+def test_export_refuses_training_workdir_which_still_resumes(run_dir, tmp_path, capsys):
+    w = _copy(run_dir, tmp_path)
+    before = _digest(w)
+    err = _fails(["convert", "alignjax-to-hf", "--ckpt", str(w), "--out", str(w)], capsys)
+    assert "training workdir" in err and str(w) in err
+    err = _fails(["convert", "alignjax-to-hf", "--ckpt", str(w), "--out", str(w), "--overwrite"],
+                 capsys)
+    assert "training workdir" in err
+    hf = tmp_path / "hf"
+    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(w), "--out", str(hf)])
+    err = _fails(["convert", "hf-to-alignjax", "--hf", str(hf), "--out", str(w), "--overwrite"],
+                 capsys)
+    assert "training workdir" in err
+    assert _digest(w) == before
+    out = run_training(_config(), str(w))  # resumes (restores step 40, config accepted)
+    assert "resuming" in capsys.readouterr().out
+    assert out["metrics"] == {}
+
+
+def test_export_into_non_empty_dir_needs_overwrite(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = _fails(["convert", "alignjax-to-hf", "--ckpt", str(run_dir), "--out", str(out)], capsys)
+    assert "--overwrite" in err and str(out) in err
+    assert os.listdir(out) == ["notes.txt"]
+    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(run_dir), "--out", str(out), "--overwrite"])
+    files = set(os.listdir(out))
+    assert "config.json" in files and "notes.txt" not in files  # replaced, not merged
+    assert not [f for f in os.listdir(tmp_path) if "partial" in f]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 32
+
+
+def test_failed_export_leaves_old_output_intact(run_dir, tmp_path, monkeypatch):
+    from alignjax.convert import hf as hf_convert
+    out = tmp_path / "hf"
+    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(run_dir), "--out", str(out)])
+    before = _digest(out)
+    real = hf_convert.iter_hf_tensors
+
+    def dies_midway(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 3:
+                raise OSError(28, "No space left on device", "model-00002.safetensors")
+            yield item
+
+    monkeypatch.setattr(hf_convert, "iter_hf_tensors", dies_midway)
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "alignjax-to-hf", "--ckpt", str(run_dir), "--out", str(out),
+                  "--overwrite", "--max-shard-gb", "0.00001"])
+    assert _digest(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no half-written sibling left behind
+
+
+# ---- damaged checkpoints -----------------------------------------------------------------------
+
+def test_resume_falls_back_past_a_damaged_checkpoint(run_dir, tmp_path, capsys):
+    w = _copy(run_dir, tmp_path)
+    os.remove(w / "checkpoints" / "40" / "state" / "_METADATA")
+    out = run_training(_config(), str(w))  # retrains steps 21..40 from checkpoint 20
+    err = capsys.readouterr().err
+    assert "checkpoint 40" in err and "used checkpoint 20" in err
+    aside = [d for d in os.listdir(w / "checkpoints") if d.startswith("40.damaged-")]
+    assert len(aside) == 1 and os.listdir(w / "checkpoints" / aside[0])  # kept, not deleted
+    ref, got = _losses(run_dir), _losses(w)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(21, STEPS + 1):
+        np.testing.assert_allclose(got[step], ref[step], atol=1e-6, rtol=0, err_msg=f"step {step}")
+    assert out["metrics"]["loss"] == pytest.approx(ref[STEPS], abs=1e-6)
+
+
+def test_load_and_generate_fall_back_and_all_damaged_is_one_line(run_dir, tmp_path, capsys):
+    from alignjax.checkpoint import Checkpointer
+    from alignjax.model.params import abstract_params
+    from alignjax.model.store import load_model
+    w = _copy(run_dir, tmp_path)
+    data = w / "checkpoints" / "40" / "state" / "ocdbt.process_0" / "d"
+    for f in os.listdir(data):  # every array file of step 40
+        os.remove(data / f)
+    model = load_model(str(w))
+    assert "checkpoint 40" in capsys.readouterr().err
+    ckpt = Checkpointer(str(w), every=1)
+    want = ckpt.restore_params(20, abstract_params(model.module, model.mesh, model.rules)[0])
+    ckpt.close()
+    for a, b in zip(*(map(np.asarray, __import__("jax").tree_util.tree_leaves(t))
+                      for t in (model.params, want))):
+        np.testing.assert_array_equal(a, b)
+    for step in ("20", "1"):  # now damage every checkpoint left: nothing restores
+        if os.path.isdir(w / "checkpoints" / step):
+            os.remove(w / "checkpoints" / step / "state" / "_METADATA")
+            shutil.rmtree(w / "checkpoints" / step / "state" / "ocdbt.process_0")
+    left = sorted(os.listdir(w / "checkpoints"))
+    err = _fails(["generate", "--model", str(w), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert "no checkpoint restores" in err
+    assert sorted(os.listdir(w / "checkpoints")) == left  # nothing moved when none restores
+
+
+# ---- only a saved step pins the workdir's config -----------------------------------------------
+
+def test_run_that_never_saved_does_not_pin_the_architecture(run_dir, tmp_path, monkeypatch, capsys):
+    from alignjax import train
+    from alignjax.config import save_config
+    trained = []
+    monkeypatch.setitem(train.ALGORITHMS, "sft", lambda c, w: trained.append(w) or {"metrics": {}})
+    fresh = tmp_path / "fresh"
+    save_config(_config(["model.hidden_size=64"]), str(fresh))  # what a run that failed leaves
+    run_training(_config(), str(fresh))
+    assert trained == [str(fresh)]
+    assert json.load(open(fresh / "config.json"))["model"]["hidden_size"] == 32
+    with pytest.raises(Exception, match="different architecture"):  # a saved step does pin it
+        run_training(_config(["model.hidden_size=64"]), str(run_dir))
+
+
+# ---- SIGTERM / SIGINT: save, one line, exit 128+n, exact resume --------------------------------
+
+def _train_cmd(workdir) -> list:
+    return [sys.executable, "-m", "alignjax.cli", "train", "--config", "configs/sft.py:tiny",
+            "--workdir", str(workdir)] + [f"--config.{o}" for o in SMALL]
+
+
+def _interrupt_after(workdir, step: int, sig) -> tuple[int, str]:
+    """Starts `alignjax train`, sends `sig` once metrics.jsonl shows `step`; (exit code, stderr)."""
+    proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and _losses(workdir) and max(_losses(workdir)) >= step:
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def _saved_line(err: str, name: str) -> int:
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"alignjax: caught {name} at step")]
+    assert len(lines) == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return int(lines[0].split("saved checkpoint ")[1].split()[0])
+
+
+def test_sigterm_and_sigint_save_and_resume_exactly(run_dir, tmp_path):
+    w = tmp_path / "w"
+    code, err = _interrupt_after(w, 3, signal.SIGTERM)
+    assert code == 143, err[-3000:]
+    first = _saved_line(err, "SIGTERM")
+    assert 3 <= first < STEPS and os.path.isdir(w / "checkpoints" / str(first))
+    assert max(_losses(w)) == first
+    code, err = _interrupt_after(w, first + 2, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    second = _saved_line(err, "SIGINT")
+    assert first + 2 <= second < STEPS
+    done = subprocess.run(_train_cmd(w), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref, got = _losses(run_dir), _losses(w)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        np.testing.assert_allclose(got[step], ref[step], atol=1e-6, rtol=0, err_msg=f"step {step}")
