@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test clean distclean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,10 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# clean: training runs and caches; the virtual environment stays. distclean: .venv as well.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf runs .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -7,12 +7,15 @@
     5. export to Hugging Face format and generation / scoring with transformers
 
 Every stage writes to WORKDIR so the results can be inspected (and TensorBoard pointed at it).
+Running it again reuses the stages that finished (their checkpoints and metrics.jsonl) and
+prints the same results table; delete WORKDIR to start from scratch.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 
 
@@ -25,15 +28,55 @@ def _show_samples(samples):
         print(f"  [{'ok' if ok else '--'}] {prompt!r:44} -> {answer!r}")
 
 
+def _finished(workdir: str, config) -> dict | None:
+    """The final metrics of a run in ``workdir`` that already reached ``train.steps``, else None.
+
+    A finished stage is reused, not "resumed" (resuming a finished run trains no step and so
+    returns no metrics): its metrics.jsonl rows are merged in order, as the training loop does.
+    """
+    from alignjax.train.metrics import read_metrics
+    steps = int(config.train.steps)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints", str(steps))):
+        return None
+    try:
+        rows = read_metrics(workdir)
+    except (OSError, ValueError):
+        return None
+    if not rows or rows[-1].get("step") != steps:
+        return None
+    merged = {}
+    for row in rows:
+        merged.update(row)
+    return merged
+
+
+def _stage(name: str, config, workdir: str, reused: list, run_=None):
+    """(final metrics, params) of one training stage: a finished run is read back, else trained.
+
+    Params are returned only when ``run_`` (the SFT Run, whose mesh and rules they go on) is given.
+    """
+    from alignjax.cli import run_training
+    metrics = _finished(workdir, config)
+    if metrics is None:
+        out = run_training(config, workdir)
+        return out["metrics"], out["state"]["params"]
+    reused.append(name)
+    print(f"{name}: reusing the finished run in {workdir} ({int(config.train.steps)} steps; "
+          f"delete it to train again)")
+    if run_ is None:
+        return metrics, None
+    from alignjax.model.store import load_model
+    return metrics, load_model(workdir, run_.mesh, run_.rules).params
+
+
 def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     import jax
-    from alignjax.cli import run_training
     from alignjax.config import load_config
     from alignjax.eval.toy import toy_accuracy
     from alignjax.train.setup import build_run, initial_params
 
     start = time.time()
-    results = {}
+    results, reused = {}, []
     sft_dir = os.path.join(workdir, "sft")
     overrides = [f"train.steps={sft_steps}"] if sft_steps else []
     config = load_config("configs/sft.py:tiny", overrides)
@@ -45,45 +88,72 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     before = toy_accuracy(run_.module, initial_params(config, run_.module, run_.mesh, run_.rules),
                           run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     print(f"checker accuracy before SFT (random weights): {before['accuracy']:.1%}")
-    out = run_training(config, sft_dir)
+    _, sft_params = _stage("SFT", config, sft_dir, reused, run_)
 
     _banner("2/5  Held-out checker accuracy of greedy answers")
-    after = toy_accuracy(run_.module, out["state"]["params"], run_.mesh, run_.rules, run_.tokenizer,
-                         n=eval_n)
+    after = toy_accuracy(run_.module, sft_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     print(f"before SFT: {before['accuracy']:.1%}   after SFT: {after['accuracy']:.1%}   "
           f"(by task: {', '.join(f'{k} {v:.0%}' for k, v in after['by_task'].items())})")
     _show_samples(after["samples"])
-    results["sft"] = {"before": before["accuracy"], "after": after["accuracy"]}
+    results["sft"] = {"before": before["accuracy"], "after": after["accuracy"],
+                      "params": run_.model_config.num_params(), "steps": int(config.train.steps)}
 
     _banner("3/5  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
     rm_dir = os.path.join(workdir, "reward")
     from_sft = [f"model.init_from={sft_dir}", "tokenizer.path="]
-    rm = run_training(load_config("configs/reward.py:tiny", from_sft), rm_dir)["metrics"]
+    rm_cfg = load_config("configs/reward.py:tiny", from_sft)
+    rm, _ = _stage("reward model", rm_cfg, rm_dir, reused)
     print(f"reward model: held-out pairwise accuracy {rm['eval/accuracy']:.1%} "
           f"(margin {rm['eval/margin']:.2f})")
-    results["reward_accuracy"] = rm["eval/accuracy"]
+    results["reward"] = {"accuracy": rm["eval/accuracy"], "steps": int(rm_cfg.train.steps),
+                         "batch_size": int(rm_cfg.train.batch_size)}
 
     _banner("4/5  DPO from the SFT model on the same pairs")
     dpo_dir = os.path.join(workdir, "dpo")
     dpo_cfg = load_config("configs/dpo.py:tiny", from_sft)
     print(f"loss: {dpo_cfg.dpo.loss_type}, beta {dpo_cfg.dpo.beta}, reference {dpo_cfg.dpo.reference}")
-    dpo = run_training(dpo_cfg, dpo_dir)
-    dpo_acc = toy_accuracy(run_.module, dpo["state"]["params"], run_.mesh, run_.rules, run_.tokenizer,
-                           n=eval_n)
-    print(f"implicit-reward accuracy on held-out pairs: {dpo['metrics']['eval/rewards/accuracies']:.1%}")
+    dpo, dpo_params = _stage("DPO", dpo_cfg, dpo_dir, reused, run_)
+    dpo_acc = toy_accuracy(run_.module, dpo_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
+    print(f"implicit-reward accuracy on held-out pairs: {dpo['eval/rewards/accuracies']:.1%}")
     print(f"checker accuracy of greedy answers: SFT {after['accuracy']:.1%} -> DPO {dpo_acc['accuracy']:.1%}")
     _show_samples(dpo_acc["samples"])
-    results["dpo"] = {"implicit_accuracy": dpo["metrics"]["eval/rewards/accuracies"],
-                      "checker_accuracy": dpo_acc["accuracy"]}
+    results["dpo"] = {"implicit_accuracy": dpo["eval/rewards/accuracies"],
+                      "checker_accuracy": dpo_acc["accuracy"], "loss": dpo_cfg.dpo.loss_type,
+                      "beta": float(dpo_cfg.dpo.beta), "steps": int(dpo_cfg.train.steps)}
 
     _banner("5/5  Export to Hugging Face; generate and score with transformers")
+    for name in ("hf_dpo", "hf_reward"):  # the demo's own exports: redone from the runs each time
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     results["hf_generation_matches"] = _export_and_generate(dpo_dir, os.path.join(workdir, "hf_dpo"),
                                                             dpo_acc["samples"])
     results["hf_reward_matches"] = _export_and_score(rm_dir, os.path.join(workdir, "hf_reward"))
+    results["reused"] = reused
     print(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {workdir}/")
-    print(f"  TensorBoard: tensorboard --logdir {workdir}")
-    print(f"  summary: {results}")
+    if reused:
+        print(f"reused finished runs: {', '.join(reused)} (delete {workdir} or run `make clean` "
+              "to train from scratch)")
+    print("\n" + results_table(results))
+    print(f"\nTensorBoard: tensorboard --logdir {workdir}")
     return results
+
+
+def results_table(r: dict) -> str:
+    """The demo's results as the README's Markdown table."""
+    hf = r["hf_generation_matches"] and r["hf_reward_matches"]
+    rows = [
+        (f"SFT, {r['sft']['params'] / 1e6:.2f}M-parameter Llama, {r['sft']['steps']} steps",
+         f"held-out checker accuracy {r['sft']['before']:.1%} → {r['sft']['after']:.1%}"),
+        (f"reward model from the SFT model, {r['reward']['steps']} steps of "
+         f"{r['reward']['batch_size']} pairs",
+         f"held-out pairwise accuracy {r['reward']['accuracy']:.1%}"),
+        (f"{r['dpo']['loss']} (β = {r['dpo']['beta']:g}) from the SFT model, {r['dpo']['steps']} steps",
+         f"implicit-reward accuracy {r['dpo']['implicit_accuracy']:.1%}; checker accuracy "
+         f"{r['sft']['after']:.1%} → {r['dpo']['checker_accuracy']:.1%}"),
+        ("export to HF", "transformers' greedy answers and reward scores equal alignjax's" if hf else
+         f"MISMATCH: generation {'same' if r['hf_generation_matches'] else 'differs'}, "
+         f"reward {'same' if r['hf_reward_matches'] else 'differs'}"),
+    ]
+    return "\n".join(["| stage | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
 
 
 def _export_and_generate(model_dir: str, hf_dir: str, samples) -> bool:
@@ -139,6 +209,8 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--sft-steps", type=int, default=None, help="override the tiny preset's steps")
     args = p.parse_args(argv)
+    from alignjax.cli import quiet_platform
+    quiet_platform()  # before jax is imported
     run(args.workdir, args.sft_steps)
 
 
