@@ -450,7 +450,8 @@ def _num_devices(compiled, abstract_args, default: int) -> int:
 
 def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None,
                    out_shardings=None, *, spec: TopologySpec | str,
-                   donate_argnums: Sequence[int] | int = (), static_argnums=()) -> CompileReport:
+                   donate_argnums: Sequence[int] | int = (), static_argnums=(),
+                   progress: Callable[[str], None] | None = None) -> CompileReport:
     """Compiles `fn(*abstract_args)` for the slice and reports per-chip memory and FLOPs.
 
     `abstract_args` are jax.ShapeDtypeStruct pytrees (shardings may ride on them, in which case
@@ -458,8 +459,10 @@ def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None
     plain function (jitted here with the shardings and donation) or an already jitted one (then
     in/out shardings and donation must be None/() and it is lowered as is). Tracing happens
     here, so enter `sharding.mesh_context(mesh, rules)` around the call when `fn` uses logical
-    activation constraints.
+    activation constraints. `progress(message)` is told as each stage starts (the CLI prints it:
+    a 7B compile is silent for about a minute otherwise).
     """
+    progress = progress or (lambda message: None)
     spec = parse_topology(spec)
     if hasattr(fn, "lower") and in_shardings is None and out_shardings is None and not donate_argnums:
         jitted = fn
@@ -471,11 +474,14 @@ def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None
             kwargs["out_shardings"] = out_shardings
         jitted = jax.jit(fn, **kwargs)
     t0 = time.perf_counter()
+    progress("tracing and lowering the step...")
     traced = jitted.trace(*abstract_args)
     lowered = traced.lower()
     t1 = time.perf_counter()
+    progress(f"lowered in {t1 - t0:.1f} s; compiling for {spec.name} with the TPU compiler...")
     compiled, compiler_error = _compile(lowered)
     t2 = time.perf_counter()
+    progress(f"compiled in {t2 - t1:.1f} s")
 
     if compiled is not None:
         mem = compiled.memory_analysis()

@@ -149,7 +149,8 @@ def cmd_compile(args):
     config = _config(args)
     spec = aot.parse_topology(args.topology)
     validate_config(config, spec.chips)
-    report = compile_train_step(config, args.topology)
+    report = compile_train_step(config, args.topology,
+                                progress=lambda m: print(f"compile: {m}", file=sys.stderr, flush=True))
     print(aot.format_report(report))
     if not report.fits:
         sys.exit(1)
@@ -231,8 +232,15 @@ def _batch_list(text: str) -> list[int]:
 
 # ---- parser ----------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors like every other alignjax error (usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alignjax", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Align Llama-family models with JAX: convert, generate, benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -318,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that the trainers read: best_of_n -> SFT records (expert "
                                    "iteration), pairs -> best vs worst preference pairs (on-policy "
                                    "DPO data), ranked -> RRHF/PRO records, rso -> RSO rejection-"
-                                   "sampled pairs (ALGORITHMS.md section 5).")
+                                   "sampled pairs (docs/algorithms.md section 5).")
     p.add_argument("--model", required=True, help="policy: alignjax model dir, training workdir or HF dir")
     p.add_argument("--prompts", required=True,
                    help="'toy' (toy-suite training prompts) or a JSONL/Parquet/dataset with 'prompt'")

@@ -43,16 +43,23 @@ def _sft(config, module, mesh, rules_):
     return sft.make_sums_fn(module), sft.metrics, batch, ()
 
 
-def compile_train_step(config, topology: str):
-    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64")."""
+def compile_train_step(config, topology: str, progress=None):
+    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64").
+
+    `progress(message)` is told as each stage starts (loading libtpu, lowering, compiling).
+    """
     from alignjax import aot
+    progress = progress or (lambda message: None)
     spec = aot.parse_topology(topology)
+    progress(f"loading the TPU compiler (libtpu) for {spec.name}...")
     mesh = aot.topology_mesh(spec, dict(config.mesh))
     rules_ = rules(config)
     algo = config.get("algorithm", "sft")
     if algo not in STEP_BUILDERS:
         raise ValueError(f"alignjax compile: algorithm {algo!r} has no step builder yet")
     module = build_module(model_config(config), "scalar" if algo == "reward" else "lm")
+    progress(f"building the abstract {algo} train state ({module.config.num_params():,} "
+             "parameters, nothing allocated)...")
     optimizer, schedule = make_optimizer(config.optimizer, int(config.train.steps))
     abstract_state, state_sh = state_shardings(module, optimizer, mesh, rules_)
     sums_fn, metrics_fn, batch, frozen = STEP_BUILDERS[algo](config, module, mesh, rules_)
@@ -74,7 +81,7 @@ def compile_train_step(config, topology: str):
         return aot.compile_report(step, (abstract_state, batch) + tuple(frozen),
                                   in_shardings=(state_sh, batch_sh) + frozen_sh,
                                   out_shardings=(state_sh, NamedSharding(mesh, P())),
-                                  spec=spec, donate_argnums=(0,))
+                                  spec=spec, donate_argnums=(0,), progress=progress)
 
 
 def grouped_batch(batch: int, k: int, seq_len: int) -> dict:
