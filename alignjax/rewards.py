@@ -10,8 +10,8 @@ A reward spec is parsed once (`parse_spec`, pure) and built once (`build_reward`
                                                training workdir, or HF
                                                LlamaForSequenceClassification dir
 
-    toy                                  runs/rm
-    python:rewards/math.py:exact_match   "toy + 0.5*runs/rm"   "0.2*python:fmt.py:has_answer+runs/rm"
+    toy      runs/rm      python:rewards/math.py:exact_match
+    "toy + 0.5*runs/rm"   "0.2*python:fmt.py:has_answer+runs/rm"
 
 "+" separates terms and a weight comes first with "*" (as in the formula 1*toy + 0.5*rm), so a
 "python:" term keeps its ":"s. Spaces around terms are ignored. Quote a spec with "*" in a shell.
@@ -310,7 +310,8 @@ class RewardModelSource:
             ex = PrefExample(np.asarray(p, np.int32), (np.asarray(c, np.int32),),
                              np.zeros(1, np.float32), n_keep=n_keep)
             examples.append(fit_example(ex, self.seq_len, "truncate_left_prompt")[0])
-        return _Collate("pair", 1, len(examples), self.seq_len, self.tokenizer.pad_token_id)(examples)
+        pad_id = self.tokenizer.pad_token_id
+        return _Collate("pair", 1, len(examples), self.seq_len, pad_id)(examples)
 
     def _run(self, n: int, make_batch: Callable[[int, int], dict]) -> np.ndarray:
         from alignjax import sharding as shd
@@ -355,8 +356,9 @@ def _check_stats(stats, name: str, what: str) -> None:
     ok = isinstance(stats, dict) and all(
         isinstance(stats.get(k), numbers.Real) and math.isfinite(stats[k]) for k in ("mean", "std"))
     if not ok:
-        raise UserError(f"{what}: {name} has no reward_stats (mean, std) in its alignjax_model.json "
-                        "to normalise with; they are stored by reward training with an eval set. "
+        raise UserError(f"{what}: {name} has no reward_stats (mean, std) in its "
+                        "alignjax_model.json to normalise with; reward training with an eval set "
+                        "stores them. "
                         "Turn normalisation off or train the reward model with data.eval")
     if stats["std"] <= 0:
         raise UserError(f"{what}: {name}: reward_stats std is {stats['std']}; cannot normalise "
@@ -409,9 +411,9 @@ def same_tokenizer(a, b) -> bool:
     ids = ("bos_token_id", "eos_token_id", "pad_token_id")
     if any(getattr(a, k) != getattr(b, k) for k in ids) or a.chat_template != b.chat_template:
         return False
-    backend_a, backend_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
-    if backend_a is not None and backend_b is not None:
-        return json.loads(backend_a.to_str()) == json.loads(backend_b.to_str())
+    fast_a, fast_b = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    if fast_a is not None and fast_b is not None:
+        return json.loads(fast_a.to_str()) == json.loads(fast_b.to_str())
     return type(a) is type(b) and a.get_vocab() == b.get_vocab()
 
 

@@ -81,7 +81,8 @@ def py_file(tmp_path_factory):
 def test_parse_spec_terms_weights_and_python_colons(tmp_path):
     T = rewards.Term
     assert rewards.parse_spec("toy") == [T("toy", "toy")]
-    assert rewards.parse_spec(" toy + 0.5*runs/rm ") == [T("toy", "toy"), T("model", "runs/rm", weight=0.5)]
+    assert rewards.parse_spec(" toy + 0.5*runs/rm ") == [T("toy", "toy"),
+                                                          T("model", "runs/rm", weight=0.5)]
     assert rewards.parse_spec("2*python:C:/x/r.py:fmt+runs/rm") == [
         T("python", "C:/x/r.py", "fmt", 2.0), T("model", "runs/rm")]
     assert rewards.parse_spec(["runs/a+b", ("toy", 0.25)]) == [
@@ -151,7 +152,8 @@ def _write(tmp_path, body, name="r.py"):
     ("f = 3\n", "f is not a function \\(it is int\\)"),
     ("def f(p, c):\n    x = 1\n    return [1 / (x - 1)] * len(c)\n",
      "f\\(\\) raised ZeroDivisionError: division by zero \\(at .*r.py:3\\)"),
-    ("def f(p, c):\n    return [0.0] * (len(c) - 1)\n", "f\\(\\) returned 3 scores for a batch of 4"),
+    ("def f(p, c):\n    return [0.0] * (len(c) - 1)\n",
+     "f\\(\\) returned 3 scores for a batch of 4"),
     ("def f(p, c):\n    return 1.0\n", "f\\(\\) returned float, not a sequence of 4 floats"),
     ("def f(p, c):\n    return 'abcd'\n", "f\\(\\) returned str, not a sequence"),
     ("import numpy as np\ndef f(p, c):\n    return np.zeros((len(c), 1))\n", "shape \\(4, 1\\)"),
@@ -215,7 +217,8 @@ def test_reward_model_scores_equal_score_texts(rm, rm_dir):
 def test_score_ids_equals_score_on_the_same_texts(rm):
     from alignjax.model.tokenize import encode_prompts
     tok = rm.sources[0].tokenizer
-    long_prompt = "reverse the list: " + " ".join(["cat dog fox"] * 30)  # longer than SEQ_LEN: cut on the left
+    # longer than SEQ_LEN: the prompt loses its start
+    long_prompt = "reverse the list: " + " ".join(["cat dog fox"] * 30)
     prompts, completions = PROMPTS + [long_prompt], COMPLETIONS + ["cat dog"]
     prompt_ids = encode_prompts(tok, prompts, chat=True)  # as the generator gets them
     eot, pad = tok.eos_token_id, tok.pad_token_id
@@ -254,8 +257,9 @@ def test_weighted_sum_with_a_reward_model(rm, rm_dir, py_file):
 
 def test_non_reward_model_paths_are_refused(tok_dir, tmp_path):
     lm = _save_tiny(tmp_path / "sft", tok_dir, "lm")
-    with pytest.raises(UserError, match=f"^ppo.reward: {lm} is a causal LM \\(lm head\\), not a "
-                       "reward model; train one with configs/reward.py or pass a scalar-head model$"):
+    with pytest.raises(UserError, match=(
+            f"^ppo.reward: {lm} is a causal LM \\(lm head\\), not a reward model; train one "
+            "with configs/reward.py or pass a scalar-head model$")):
         rewards.build_reward(f"toy + {lm}", what="ppo.reward")
     with pytest.raises(UserError, match="runs/nope: no such file or directory; give toy"):
         rewards.build_reward("toy + runs/nope")
@@ -281,16 +285,19 @@ def test_policy_with_the_same_tokenizer_uses_the_ids(rm_dir, tok_dir, caplog):
     from alignjax.model.tokenize import encode_prompts
     policy_tok = load_tokenizer(tok_dir)  # a separate object with the same files
     with caplog.at_level(logging.WARNING, logger="alignjax.rewards"):
-        reward = rewards.build_reward(f"{rm_dir} + toy", seq_len=SEQ_LEN, policy_tokenizer=policy_tok)
+        reward = rewards.build_reward(f"{rm_dir} + toy", seq_len=SEQ_LEN,
+                                      policy_tokenizer=policy_tok)
     assert reward.ids_ok == [True, False] and "different tokenizer" not in caplog.text
     prompt_ids = encode_prompts(policy_tok, PROMPTS, chat=True)
-    completion_ids = [policy_tok(c, add_special_tokens=False)["input_ids"] + [policy_tok.eos_token_id]
+    eos = policy_tok.eos_token_id
+    completion_ids = [policy_tok(c, add_special_tokens=False)["input_ids"] + [eos]
                       for c in COMPLETIONS]
     np.testing.assert_allclose(reward.score_rollout(PROMPTS, prompt_ids, completion_ids),
                                reward.score(PROMPTS, COMPLETIONS), rtol=1e-5, atol=1e-6)
 
 
-def test_policy_with_another_tokenizer_is_decoded_and_retokenised(rm, rm_dir, spm_tokenizer, caplog):
+def test_policy_with_another_tokenizer_is_decoded_and_retokenised(rm, rm_dir, spm_tokenizer,
+                                                                   caplog):
     from alignjax.model.tokenize import encode_prompts
     with caplog.at_level(logging.WARNING, logger="alignjax.rewards"):
         reward = rewards.build_reward(f"{rm_dir} + 2*{rm_dir}", seq_len=SEQ_LEN,
