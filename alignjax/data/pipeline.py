@@ -17,8 +17,16 @@ consumer by the prefetch buffer, and they are not part of the iterator state.
 Config keys (dict or ConfigDict; others ignored): ``format`` (auto|text|prompt_completion|
 messages), ``packing`` (pack|pad), ``truncation`` (truncate_left_prompt|truncate_right|drop),
 ``completion_only_loss`` (True), ``pack_bins`` (rows packed at once, default 2 x batch_size),
-``read_threads`` (4), ``prefetch`` (64 records), ``worker_count`` (0 = no worker processes;
-with workers the ``sft_stats`` of the main process stay at 0).
+``read_threads`` (4), ``prefetch`` (64 records), ``prefetch_batches`` (2: batches assembled
+ahead of the training step by a background thread, so tokenising and packing overlap the step;
+0 = off), ``cache_mb`` (512: tokenised examples are kept per process, up to this many MB, so
+later epochs skip the tokenizer; 0 = off), ``worker_count`` (0 = no worker processes; with
+workers the ``sft_stats`` of the main process stay at 0).
+
+Prefetching keeps the iterator exactly resumable: ``get_state()`` describes the position after
+the last batch handed out, not after what the thread has prepared. The cache holds the first
+``cache_mb`` of examples met (not LRU: with a reshuffle every epoch any record is as likely
+next); each process and each grain worker has its own.
 """
 from __future__ import annotations
 
@@ -92,16 +100,68 @@ def _get(cfg: Mapping[str, Any] | None, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+class ExampleCache:
+    """Bounded, thread-safe memo of record index -> tokenised example (grain's read threads share
+    it). Keeps the first ``max_mb`` of entries; a record that does not fit is recomputed."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes, self.used = int(max_mb * 2**20), 0
+        self._items: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, index: int):
+        return self._items.get(index)  # a dict read is atomic under the GIL
+
+    def put(self, index: int, value, nbytes: int) -> None:
+        if self.used + nbytes > self.max_bytes:
+            return
+        with self._lock:
+            if index not in self._items and self.used + nbytes <= self.max_bytes:
+                self._items[index] = value
+                self.used += nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getstate__(self):  # grain worker processes each start their own (empty) cache
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_bytes"] / 2**20)
+
+
+def example_cache(cfg) -> ExampleCache | None:
+    mb = float(_get(cfg, "cache_mb", 512))
+    return ExampleCache(mb) if mb > 0 else None
+
+
+# Python objects around each cached entry (dict, tuple, array headers), counted against cache_mb.
+_ENTRY_OVERHEAD = 600
+
+
 class _TokenizeIndex:
     """grain map: global record index -> shifted example dict, or None when dropped."""
 
     def __init__(self, source, formatter: SFTFormatter, seq_len: int, pad_id: int,
-                 stats: SFTStats, keep_dropped: bool = False):
+                 stats: SFTStats, keep_dropped: bool = False, cache: ExampleCache | None = None):
         self.source, self.formatter, self.seq_len, self.pad_id = source, formatter, seq_len, pad_id
-        self.stats, self.keep_dropped = stats, keep_dropped
+        self.stats, self.keep_dropped, self.cache = stats, keep_dropped, cache
 
     def __call__(self, index: int) -> dict[str, np.ndarray] | None:
         index = int(index)
+        hit = self.cache.get(index) if self.cache is not None else None
+        if hit is not None:  # counted again, as a re-tokenised example would be
+            example, status, n_tokens, n_loss = hit
+            self.stats.add(status, n_tokens, n_loss)
+            return example
+        example, status, n_tokens, n_loss = self._tokenize(index)
+        if self.cache is not None:
+            nbytes = _ENTRY_OVERHEAD + sum(a.nbytes for a in (example or {}).values())
+            self.cache.put(index, (example, status, n_tokens, n_loss), nbytes)
+        return example
+
+    def _tokenize(self, index: int):
+        """(shifted example or None, status, tokens, loss tokens); counts the example in stats."""
         location = where(self.source, index)
         try:
             record = self.source[index]
@@ -113,11 +173,10 @@ class _TokenizeIndex:
         ex, status = truncate(ex, self.seq_len, self.formatter.cfg.truncation)
         if ex is not None and num_targets(ex) == 0:
             ex, status = None, "no_loss"
-        self.stats.add(status, 0 if ex is None else len(ex), 0 if ex is None else num_targets(ex),
-                       location)
-        if ex is None:
-            return None
-        return packing.shift_example(ex, self.pad_id)
+        n_tokens, n_loss = (0, 0) if ex is None else (len(ex), num_targets(ex))
+        self.stats.add(status, n_tokens, n_loss, location)
+        shifted = None if ex is None else packing.shift_example(ex, self.pad_id)
+        return shifted, status, n_tokens, n_loss
 
 
 def _is_kept(example: Any) -> bool:
@@ -150,6 +209,16 @@ def shard_records(source, *, seed: int, process_index: int, process_count: int, 
     return records.repeat(num_epochs)
 
 
+def prefetch_batches(batches: grain.IterDataset, cfg) -> grain.IterDataset:
+    """Batches assembled ahead by a background thread (grain's ThreadPrefetchIterDataset), so the
+    host's data work overlaps the device step; checkpointable like its parent."""
+    n = int(_get(cfg, "prefetch_batches", 2))
+    if n <= 0:
+        return batches
+    from grain.experimental import ThreadPrefetchIterDataset
+    return ThreadPrefetchIterDataset(batches, prefetch_buffer_size=n)
+
+
 def _read_options(cfg) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=int(_get(cfg, "read_threads", 4)),
                              prefetch_buffer_size=int(_get(cfg, "prefetch", 64)))
@@ -173,7 +242,8 @@ def make_sft_dataset(
 
     records = shard_records(source, seed=seed, process_index=process_index,
                             process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
-    examples = (records.map(_TokenizeIndex(source, formatter, seq_len, pad_id, stats))
+    examples = (records.map(_TokenizeIndex(source, formatter, seq_len, pad_id, stats,
+                                           cache=example_cache(cfg)))
                 .filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))
     if mode == "pack":
@@ -190,6 +260,8 @@ def make_sft_dataset(
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app.run
             flags.FLAGS.mark_as_parsed()  # nothing parsed them, so take the defaults
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    else:
+        batches = prefetch_batches(batches, cfg)
     return batches, stats
 
 

@@ -31,7 +31,9 @@ Record formats and rendering: see ``alignjax.data.preference_format``. Config ke
 ConfigDict; others ignored): ``format`` (auto | pairwise | transcripts | ranked | unpaired),
 ``chat_template`` (default: the tokenizer has one), ``num_responses`` (ranked, required),
 ``truncation`` (truncate_left_prompt | truncate_right | drop), ``min_response_tokens`` (1),
-``skip_invalid`` (False), ``read_threads`` (4), ``prefetch`` (64).
+``skip_invalid`` (False), ``read_threads`` (4), ``prefetch`` (64), ``prefetch_batches`` (2) and
+``cache_mb`` (512) as in ``alignjax.data.pipeline`` (batches built ahead in a thread; formatted
+examples cached per process, so later epochs skip the tokenizer).
 
 Never silent: truncated examples, examples dropped as too long, prompts that alone leave fewer
 than ``min_response_tokens`` tokens, and ranked groups cut to K are counted in
@@ -54,7 +56,8 @@ import numpy as np
 
 from alignjax.data import packing
 from alignjax.data.formatting import TRUNCATIONS, Tokenized
-from alignjax.data.pipeline import _check_args, _get, _is_kept, _read_options, shard_records
+from alignjax.data.pipeline import (_ENTRY_OVERHEAD, ExampleCache, _check_args, _get, _is_kept,
+                                    _read_options, example_cache, prefetch_batches, shard_records)
 from alignjax.data.preference_format import (InvalidRecord, PreferenceFormatter, PrefExample,
                                              fit_example)
 from alignjax.data.sources import DataError, open_sources, where
@@ -108,10 +111,11 @@ class _FormatIndex:
     """grain map: global record index -> fitted ``PrefExample``, or None when skipped."""
 
     def __init__(self, source, formatter: PreferenceFormatter, seq_len: int, policy: str,
-                 min_response_tokens: int, skip_invalid: bool, stats: PrefStats):
+                 min_response_tokens: int, skip_invalid: bool, stats: PrefStats,
+                 cache: ExampleCache | None = None):
         self.source, self.formatter, self.seq_len, self.policy = source, formatter, seq_len, policy
         self.min_response_tokens, self.skip_invalid = min_response_tokens, skip_invalid
-        self.stats = stats
+        self.stats, self.cache = stats, cache
 
     def _read(self, index: int, location: str) -> Any:
         try:
@@ -124,22 +128,31 @@ class _FormatIndex:
     def __call__(self, index: int) -> PrefExample | None:
         index = int(index)
         location = where(self.source, index)
+        hit = self.cache.get(index) if self.cache is not None else None
+        ex, counts = hit if hit is not None else self._format(index, location)
+        for field, detail in counts:  # a cached example is counted again, as a re-formatted one
+            self.stats.count(field, location, detail)
+        if hit is None and self.cache is not None:
+            arrays = [] if ex is None else [ex.prompt, *ex.responses]
+            self.cache.put(index, (ex, counts), _ENTRY_OVERHEAD + sum(np.asarray(a).nbytes for a in arrays))
+        return ex
+
+    def _format(self, index: int, location: str) -> tuple[PrefExample | None, list]:
+        """(fitted example or None, [(stats field, detail), ...] to count)."""
         try:
             ex = self.formatter(self._read(index, location), location)
         except InvalidRecord as e:
             if not self.skip_invalid:
                 raise
-            self.stats.count("skipped_invalid", location, f" ({e})")
-            return None
-        if ex.dropped_responses:
-            self.stats.count("ranked_top_k", location)
+            return None, [("skipped_invalid", f" ({e})")]
+        counts = [("ranked_top_k", "")] if ex.dropped_responses else []
         ex, status = fit_example(ex, self.seq_len, self.policy, self.min_response_tokens)
         if status in _STATUS_FIELD:
-            self.stats.count(_STATUS_FIELD[status], location)
+            counts.append((_STATUS_FIELD[status], ""))
         if ex is not None:
-            self.stats.count("examples", location)
+            counts.append(("examples", ""))
             ex = dataclasses.replace(ex, index=index)
-        return ex
+        return ex, counts
 
 
 def _row(prompt_p: np.ndarray, response_r: np.ndarray, seq_len: int, pad_id: int) -> dict:
@@ -251,7 +264,7 @@ def _setup(sources, tokenizer, cfg, kind: str, batch_size: int, seq_len: int,
     source = open_sources(sources)
     stats = PrefStats()
     fmt_index = _FormatIndex(source, formatter, seq_len, policy, min_response,
-                             bool(_get(cfg, "skip_invalid", False)), stats)
+                             bool(_get(cfg, "skip_invalid", False)), stats, example_cache(cfg))
     collate = _Collate(kind, num_slots, batch_size, seq_len, pad_id)
     return source, fmt_index, collate, stats
 
@@ -275,7 +288,7 @@ def make_preference_iterator(
                             process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
     examples = (records.map(fmt_index).filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))
-    iterator = iter(examples.batch(batch_size, batch_fn=collate))
+    iterator = iter(prefetch_batches(examples.batch(batch_size, batch_fn=collate), cfg))
     iterator.pref_stats = stats
     return iterator
 
