@@ -257,6 +257,9 @@ ROWS = [
      "--out {out}.jsonl", ["{root}/none.jsonl"]),
     ("sample-prompts-no-field", "sample --model {wd} --prompts {prompts_jsonl} --reward toy "
      "--out {out}.jsonl", ["{prompts_jsonl}", "prompt"]),
+    ("sample-out-is-dir", "sample --model {wd} --prompts toy --reward toy --out {empty}",
+     ["--out {empty}", "is a directory"]),
+    ("hf-is-a-file", "convert hf-to-alignjax --hf {afile} --out {out}", ["{afile}"]),
     ("sample-reward-missing", "sample --model {wd} --prompts toy --reward {root}/no-rm "
      "--out {out}.jsonl", ["{root}/no-rm"]),
     ("sweep-missing-file", "sweep --sweep {root}/no-sweep.py --workdir {fresh}", ["no-sweep.py"]),
@@ -324,6 +327,24 @@ def test_wrong_typed_record_names_field_and_type(bpe_tokenizer, record, message)
     with pytest.raises(DataError) as e:
         SFTFormatter(bpe_tokenizer)(record, "f.jsonl:3")
     assert message in str(e.value) and "lacks" not in str(e.value)
+
+
+@pytest.mark.parametrize("env,devices,expected", [
+    ({}, [], "cpu"),  # no accelerator: quiet CPU (no libtpu probing noise)
+    ({}, ["/dev/accel0"], None),  # a TPU VM: jax chooses
+    ({}, ["/dev/nvidia0"], None),  # a GPU host: jax chooses
+    ({"JAX_PLATFORMS": "tpu"}, [], "tpu"),  # the user's choice always wins
+])
+def test_quiet_platform(monkeypatch, env, devices, expected):
+    from alignjax import cli
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: [d for d in devices
+                                                           if d.startswith(pattern.rstrip("*"))])
+    cli.quiet_platform()
+    assert os.environ.get("JAX_PLATFORMS") == expected
 
 
 def test_interrupt_outside_training_is_one_line(world, capsys, monkeypatch):
