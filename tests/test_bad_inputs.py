@@ -347,6 +347,38 @@ def test_quiet_platform(monkeypatch, env, devices, expected):
     assert os.environ.get("JAX_PLATFORMS") == expected
 
 
+def test_read_only_directory_is_refused_up_front(tmp_path, capsys):
+    # Permission bits do not stop root (the /proc and /sys rows above cover root); as a user they do.
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 555 does not stop writes")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["train", "--config", "configs/sft.py:tiny", "--workdir", str(ro / "run")])
+    finally:
+        ro.chmod(0o755)
+    assert e.value.code == 2
+    assert f"--workdir {ro / 'run'}: cannot create files in {ro}" in capsys.readouterr().err
+
+
+def test_read_only_file_system_message(tmp_path, monkeypatch):
+    # A read-only mount cannot be made without privileges: the probe's real failure is simulated.
+    import errno
+    import tempfile
+
+    from alignjax.errors import UserError, require_writable_dir
+
+    def erofs(**kw):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), kw["dir"])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", erofs)
+    with pytest.raises(UserError, match=rf"--out {tmp_path}/x: cannot create files in {tmp_path}: "
+                                        "Read-only file system; choose a writable directory"):
+        require_writable_dir(str(tmp_path / "x"), "--out")
+
+
 def test_interrupt_outside_training_is_one_line(world, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
