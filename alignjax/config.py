@@ -330,7 +330,7 @@ _SFT_CHECKS = {
     "data.eval": (lambda v: isinstance(v, str), "must be a string ('' = no eval data)"),
     "data.format": _one_of(*FORMATS), "data.packing": _one_of(*PACKINGS),
     "data.truncation": _one_of(*TRUNCATIONS), "data.completion_only_loss": _BOOL,
-    "data.seq_len": _int(1), "data.shuffle_seed": _int(0),
+    "data.seq_len": _int(1), "data.shuffle_seed": _int(0), "data.skip_invalid": _BOOL,
     "optimizer.lr": (_POSITIVE[0], "must be > 0 (e.g. 2e-5 for SFT of a pretrained model)"),
     "optimizer.b1": _BETA, "optimizer.b2": _BETA, "optimizer.eps": _POSITIVE,
     "optimizer.weight_decay": _NON_NEGATIVE, "optimizer.schedule": _one_of(*SCHEDULES),

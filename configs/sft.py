@@ -50,6 +50,9 @@ def base_config() -> ConfigDict:
     d.completion_only_loss = True  # loss on completions / assistant turns only
     d.seq_len = 4096
     d.shuffle_seed = 0
+    # Every record is checked before the first step; bad ones stop the run with a list of them,
+    # or with skip_invalid=True are left out and counted.
+    d.skip_invalid = False
 
     # Device mesh; one axis may be -1 (= the remaining devices). Batches split over data*fsdp.
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -280,3 +280,66 @@ def test_sample_resumes_after_a_crash_and_writes_atomically(run_dir, tmp_path, m
     assert len(calls) == 2  # only the chunks not sampled before
     assert out.read_text() == (tmp_path / "straight.jsonl").read_text()
     assert not os.path.exists(tmp_path / "out.jsonl.partial")
+
+
+# ---- data checked before the first step ---------------------------------------------------------
+
+def _sft_file(path, n=600, bad=(), long=()):
+    """prompt/completion records; `bad` {line: raw text}; `long` lines get a prompt of ~300 words."""
+    lines = []
+    for i in range(1, n + 1):
+        prompt = " ".join(["sort:"] + ["7 3 5"] * 100) if i in long else f"sort: {i % 7} 3 5"
+        lines.append(bad.get(i, json.dumps({"prompt": prompt, "completion": "3 5 7"})))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BAD_SFT = {57: "{not json", 333: json.dumps({"prompt": "x"}),
+           590: json.dumps({"prompt": "x", "completion": 3})}
+
+
+def test_bad_records_are_all_reported_before_the_first_step(run_dir, tmp_path, capsys):
+    data = _sft_file(tmp_path / "train.jsonl", bad=BAD_SFT)
+    w = tmp_path / "w"
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--config", "configs/sft.py:tiny", "--workdir", str(w)]
+                 + [f"--config.{o}" for o in SMALL + [f"data.train={data}",
+                                                       f"tokenizer.path={run_dir / 'tokenizer'}"]])
+    err = capsys.readouterr().err
+    assert "3 invalid records of 600" in err and "skip_invalid" in err and "Traceback" not in err
+    for line in BAD_SFT:
+        assert f"{data}:{line}: " in err
+    assert not os.path.exists(w / "metrics.jsonl") and not os.path.exists(w / "checkpoints")
+
+
+def test_skip_invalid_trains_and_counts_skipped_and_truncated(run_dir, tmp_path, capsys):
+    data = _sft_file(tmp_path / "train.jsonl", bad=BAD_SFT, long=(10, 20, 30, 40))
+    out = run_training(_config([f"data.train={data}", f"tokenizer.path={run_dir / 'tokenizer'}",
+                                "data.skip_invalid=True", "train.steps=3"]), str(tmp_path / "w"))
+    err = capsys.readouterr().err
+    assert "skipped 3 invalid records of 600" in err
+    assert "data.train: 4 truncated to seq_len 32" in err
+    assert np.isfinite(out["metrics"]["loss"])
+
+
+def test_preference_records_are_checked_up_front(bpe_tokenizer, tmp_path, capsys):
+    from ml_collections import ConfigDict
+    from alignjax.data.sources import DataError
+    from alignjax.train.setup import checked_sources
+    good = {"prompt": "sort: 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"}
+    lines = [json.dumps(good)] * 300
+    lines[40] = json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"})
+    lines[250] = json.dumps({"prompt": "p", "chosen": "a"})
+    lines[299] = "[1, 2]"
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = ConfigDict(dict(seq_len=64, skip_invalid=False, truncation="truncate_left_prompt"))
+    with pytest.raises(DataError) as e:
+        checked_sources(str(data), str(tmp_path), "train", bpe_tokenizer, cfg, "pair")
+    assert "3 invalid records of 300" in str(e.value)
+    for line in (41, 251, 300):
+        assert f"{data}:{line}: " in str(e.value)
+    cfg.skip_invalid = True
+    (source,) = checked_sources(str(data), str(tmp_path), "train", bpe_tokenizer, cfg, "pair")
+    assert len(source) == 297 and source.where(40) == f"{data}:42"
+    assert "skipped 3 invalid records of 300" in capsys.readouterr().err

@@ -144,12 +144,11 @@ def metrics(sums) -> dict:
 
 def _iterators(config, workdir, run, kind):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
-    from alignjax.train.setup import data_sources
+    from alignjax.train.setup import checked_sources
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    toy_kind = {"pair": "preference", "ranked": "ranked", "kto": "kto"}[kind]
-    train_sources = data_sources(d.train, workdir, "train", toy_kind)
-    eval_sources = data_sources(d.eval, workdir, "eval", toy_kind) if d.eval else None
+    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, kind)
+    eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d, kind) if d.eval else None
     micro = int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // pc
 
     def eval_iter(sources=eval_sources):

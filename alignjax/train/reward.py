@@ -43,15 +43,17 @@ def metrics(sums) -> dict:
 def build(config, workdir: str, run):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.train.loop import Algorithm
-    from alignjax.train.setup import data_sources
+    from alignjax.train.setup import checked_sources
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
     train_iter = make_preference_iterator(
-        data_sources(d.train, workdir, "train", "preference"), run.tokenizer, d, kind="pair",
+        checked_sources(d.train, workdir, "train", run.tokenizer, d, "pair"), run.tokenizer, d,
+        kind="pair",
         seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len),
         process_index=pi, process_count=pc)
-    eval_sources = data_sources(d.eval, workdir, "eval", "preference") if d.eval else None
+    eval_sources = (checked_sources(d.eval, workdir, "eval", run.tokenizer, d, "pair")
+                    if d.eval else None)
 
     def eval_iter():
         return make_preference_eval_iterator(

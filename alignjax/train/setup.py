@@ -60,9 +60,10 @@ def tokenizer_for(config, workdir: str):
     """`tokenizer.path`: a directory, "toy" (trained on the toy suite, kept in the workdir), or ""
     (the tokenizer stored with `model.init_from`)."""
     from alignjax.data.tokenizer import load_tokenizer
+    from alignjax.checkpoint import has_checkpoint
     saved = os.path.join(workdir, "tokenizer")
-    if os.path.exists(os.path.join(saved, "tokenizer_config.json")):
-        return load_tokenizer(saved)  # resume: the exact tokenizer of the first run
+    if has_checkpoint(workdir) and os.path.exists(os.path.join(saved, "tokenizer_config.json")):
+        return load_tokenizer(saved)  # resume: the exact tokenizer of the run that saved
     path = config.tokenizer.path
     if path == "toy":
         from alignjax.data import toy
@@ -130,6 +131,42 @@ def data_sources(spec: str, workdir: str, split: str, kind: str = "sft") -> list
             out.append(write_toy_split(workdir, split, kind))
         else:
             out.append(part)
+    return out
+
+
+def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
+                    kind: str = "sft") -> list:
+    """`data_sources`, with every record of the user's files put through the pipeline's own
+    read-and-format step before training (alignjax.data.validate): all bad records are reported
+    at once, or skipped with `data.skip_invalid`, and the truncated / dropped counts are printed.
+    `kind`: "sft", or the preference kinds "pair", "ranked", "kto". Toy records (written by
+    alignjax) are not re-checked."""
+    import sys
+    from alignjax.data import validate
+    toy_kind = {"sft": "sft", "pair": "preference", "ranked": "ranked", "kto": "kto"}[kind]
+    specs = data_sources(spec, workdir, split, toy_kind)
+    toy = "toy" in [s.strip() for s in spec.split(",")]
+    trusted = [write_toy_split(workdir, split, toy_kind)] if toy else []
+    seq_len, what = int(data_cfg.seq_len), f"data.{split}"
+    if kind == "sft":
+        from alignjax.data.formatting import FormatConfig, SFTFormatter
+        from alignjax.data.pipeline import SFTStats, _TokenizeIndex
+        formatter, stats = SFTFormatter(tokenizer, FormatConfig.from_config(data_cfg)), SFTStats()
+
+        def make_check(source):
+            return _TokenizeIndex(source, formatter, seq_len, tokenizer.pad_token_id, stats)
+    else:
+        from alignjax.data.preference import PrefStats, _setup
+        stats = PrefStats()
+
+        def make_check(source):
+            _, check, _, _ = _setup(source, tokenizer, data_cfg, kind, 1, seq_len, 0, 1)
+            check.skip_invalid, check.stats = False, stats  # report bad records, never skip here
+            return check
+    out = validate.validated_sources(specs, make_check, bool(data_cfg.get("skip_invalid", False)),
+                                     what, trusted)
+    if len(trusted) < len(specs):
+        print(validate.describe_counts(stats.as_dict(), what, seq_len), file=sys.stderr)
     return out
 
 

@@ -31,14 +31,15 @@ def build(config, workdir: str, run):
     import jax
     from alignjax.data.pipeline import make_sft_eval_iterator, make_sft_iterator
     from alignjax.train.loop import Algorithm
-    from alignjax.train.setup import data_sources
+    from alignjax.train.setup import checked_sources
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    train_iter = make_sft_iterator(data_sources(d.train, workdir, "train"), run.tokenizer, d,
+    train_iter = make_sft_iterator(checked_sources(d.train, workdir, "train", run.tokenizer, d),
+                                   run.tokenizer, d,
                                    seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc,
                                    seq_len=int(d.seq_len), process_index=pi, process_count=pc)
-    eval_sources = data_sources(d.eval, workdir, "eval") if d.eval else None
+    eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d) if d.eval else None
 
     def eval_iter():
         return make_sft_eval_iterator(eval_sources, run.tokenizer, d,
