@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test install install-test clean distclean
+.PHONY: demo test test-fast install install-test clean distclean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The development tier: everything but the tests marked slow (training runs, CLI end to end).
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 # clean: training runs and caches; the virtual environment stays. distclean: .venv as well.
 clean:

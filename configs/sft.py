@@ -50,6 +50,8 @@ def base_config() -> ConfigDict:
     d.completion_only_loss = True  # loss on completions / assistant turns only
     d.seq_len = 4096
     d.shuffle_seed = 0
+    d.prefetch_batches = 2  # batches assembled ahead in a thread, overlapping the step (0 = off)
+    d.cache_mb = 512  # tokenised examples kept per process, so later epochs skip the tokenizer (0 = off)
     # Every record is checked before the first step; bad ones stop the run with a list of them,
     # or with skip_invalid=True are left out and counted.
     d.skip_invalid = False
