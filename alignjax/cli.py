@@ -134,6 +134,13 @@ def run_training(config, workdir: str) -> dict:
 def cmd_sweep(args):
     from alignjax.config import expand_sweep, load_config
     base, runs = expand_sweep(args.sweep)
+    if args.print_commands:  # one `alignjax train` line per run, for launch/tpu.sh sweep
+        import shlex
+        for name, overrides in runs:
+            print(shlex.join(["alignjax", "train", "--config", base, "--workdir",
+                              os.path.join(args.workdir, name)]
+                             + [f"--config.{o}" for o in overrides] + list(args.overrides)))
+        return
     print(f"sweep {args.sweep}: {len(runs)} runs of {base}")
     for i, (name, overrides) in enumerate(runs, 1):
         workdir = os.path.join(args.workdir, name)
@@ -243,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="alignjax", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Align Llama-family models with JAX: convert, generate, benchmark.")
+    from alignjax import distributed
+    distributed.add_flags(parser)  # taken from anywhere in the command line by main()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     conv = sub.add_parser("convert", help="Hugging Face <-> alignjax checkpoints")
@@ -294,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a sweep file's override sets one after another")
     p.add_argument("--sweep", required=True, help="configs/sweeps/NAME.py")
     p.add_argument("--workdir", required=True, help="each run goes to WORKDIR/<run name>")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print one `alignjax train` command per run instead of running them")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (needs libtpu) and "
@@ -383,6 +394,8 @@ def quiet_platform() -> None:
 def main(argv=None):
     quiet_platform()
     parser = build_parser()
+    from alignjax import distributed
+    dist, argv = distributed.split_flags(sys.argv[1:] if argv is None else list(argv))
     args, unknown = parser.parse_known_args(argv)
     args.overrides = [u for u in unknown if u.startswith("--config.")]
     rest = [u for u in unknown if not u.startswith("--config.")]
@@ -390,6 +403,7 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     from alignjax.errors import UserError, describe_os_error
     try:
+        distributed.initialize(dist)  # before any jax device use
         args.func(args)
     except UserError as e:
         _fail(str(e))

@@ -58,8 +58,14 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict:
     if math.prod(shape.values()) != num_devices:
         raise ShardingError(
             f"mesh: data*fsdp*tensor = {math.prod(shape.values())} but {num_devices} devices are "
-            f"available; set mesh.data/mesh.fsdp/mesh.tensor so the product matches (or use -1)")
+            f"available{_over_processes()}; set mesh.data/mesh.fsdp/mesh.tensor (config) or --mesh "
+            "(model commands) so the product matches, or use -1 for one axis")
     return shape
+
+
+def _over_processes() -> str:
+    """' in total over P processes' on a multi-host run (jax.devices() counts every host's)."""
+    return f" in total over {jax.process_count()} processes" if jax.process_count() > 1 else ""
 
 
 def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
