@@ -173,15 +173,18 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
 def write_toy_split(workdir: str, split: str, kind: str = "sft") -> str:
     from alignjax.data import toy
     path = os.path.join(workdir, "data", f"toy_{kind}_{split}.jsonl")
-    if not os.path.exists(path) and jax.process_index() == 0:
+    # Every process writes it (same seed, same bytes), through its own temporary file: hosts of a
+    # pod may not share a disk, and where they do, the atomic rename makes the race harmless.
+    if not os.path.exists(path):
         splits = toy.toy_splits()
         records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
                    "preference": lambda ex: toy.preference_records(ex, seed=1),
                    "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),
                    "kto": lambda ex: toy.kto_records(ex, seed=1)}[kind](splits[split])
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        toy.write_jsonl(records, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        tmp = f"{path}.tmp{jax.process_index()}"
+        toy.write_jsonl(records, tmp)
+        os.replace(tmp, path)
     return path
 
 

@@ -1,0 +1,166 @@
+"""Multi-host start-up (alignjax/distributed.py) and a real 2-process run on this machine.
+
+The 2-process test starts two `alignjax train` processes with 4 CPU devices each, joined through
+jax.distributed on localhost (CPU collectives: gloo), and checks them against one process with 8
+devices: the same losses, and a 2-process checkpoint that resumes in 2 processes exactly.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alignjax import distributed
+from alignjax.cli import main as cli_main
+from alignjax.errors import UserError
+from alignjax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NO_ENV: dict = {}
+
+
+# ---- which processes initialise, and how -----------------------------------------------------
+
+def test_explicit_flags():
+    assert distributed.settings("10.0.0.2:8476", 4, 3, NO_ENV, 0) == {
+        "coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}
+
+
+def test_standard_environment_variables():
+    env = {"JAX_COORDINATOR_ADDRESS": "host:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed.settings(None, None, None, env, 0) == {
+        "coordinator_address": "host:1234", "num_processes": 2, "process_id": 1}
+    # a flag wins over its variable
+    assert distributed.settings(None, None, 0, env, 0)["process_id"] == 0
+
+
+def test_tpu_pod_is_detected_single_host_and_plain_hosts_are_not():
+    assert distributed.settings(None, None, None, NO_ENV, 8) == {}  # jax's TPU cluster detection
+    assert distributed.settings(None, None, None, NO_ENV, 1) is None  # one TPU VM: nothing to join
+    assert distributed.settings(None, None, None, NO_ENV, 0) is None
+
+
+def test_tpu_host_count_is_zero_off_tpu():
+    assert distributed.tpu_host_count({"JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "a,b"}) == 0
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (("h:1", 2, 2), NO_ENV, "--process-id 2: must be in [0, 2) for --num-processes 2"),
+    (("h:1", 2, -1), NO_ENV, "--process-id -1: must be in [0, 2)"),
+    (("h:1", 0, 0), NO_ENV, "--num-processes 0: must be >= 1"),
+    (("h:1", None, 0), NO_ENV, "multi-host: also give --num-processes (or env JAX_NUM_PROCESSES)"),
+    ((None, 2, None), NO_ENV, "also give --coordinator and --process-id"),
+    (("nohost", 2, 0), NO_ENV, "--coordinator 'nohost': expected HOST:PORT"),
+    ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
+                          "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two': expected an integer"),
+])
+def test_bad_settings(args, env, message):
+    with pytest.raises(UserError, match=None) as e:
+        distributed.settings(*args, env, 0)
+    assert message in str(e.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_process_id_out_of_range(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--config", "configs/sft.py:tiny", "--workdir", "unused",
+                  "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "alignjax: error: --process-id 2: must be in [0, 2) for --num-processes 2\n")
+
+
+def test_cli_unreachable_coordinator_times_out_with_a_message(capsys):
+    """Nothing listens on the port: a clear error after --init-timeout, not a hang or an abort."""
+    port = _free_port()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+                  "--init-timeout", "1", "train", "--config", "configs/sft.py:tiny", "--workdir", "unused"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alignjax: error: multi-host: the coordinator 127.0.0.1:{port} "
+                          "(--coordinator) did not answer within --init-timeout 1 s") and err.count("\n") == 1
+
+
+def test_mesh_product_error_names_mesh_flag_and_keys():
+    from alignjax.sharding import ShardingError, mesh_shape
+    with pytest.raises(ShardingError) as e:
+        mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
+    assert "mesh.data/mesh.fsdp/mesh.tensor (config) or --mesh" in str(e.value)
+    assert "3 but 8 devices" in str(e.value)
+
+
+# ---- a real 2-process run ----------------------------------------------------------------------
+
+FAST = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
+        "checkpoint.async_save=False", "optimizer.warmup_steps=2", "data.seq_len=48",
+        "train.batch_size=16"]
+TIMEOUT_S = 900  # a hang (e.g. one process waiting in a collective for a dead peer) is a failure
+
+
+def _train_cmd(workdir, extra=()):
+    return [sys.executable, "-m", "alignjax.cli", "train", "--config", "configs/sft.py:tiny",
+            "--workdir", str(workdir)] + [f"--config.{o}" for o in FAST] + list(extra)
+
+
+def _env(devices: int, extra=None):
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra or {})}
+
+
+def _run_processes(workdir, n: int, env_extra=None) -> list[subprocess.CompletedProcess]:
+    """n processes with 8/n CPU devices each; all are killed if any is still running at the timeout."""
+    if n == 1:
+        return [subprocess.run(_train_cmd(workdir), cwd=ROOT, env=_env(8, env_extra),
+                               capture_output=True, text=True, timeout=TIMEOUT_S)]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _train_cmd(workdir, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                             "--process-id", str(i), "--init-timeout", "120"]),
+        cwd=ROOT, env=_env(8 // n, env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(n)]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=TIMEOUT_S)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def _losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_resume_exactly(tmp_path):
+    one = _run_processes(tmp_path / "one", 1)
+    assert one[0].returncode == 0, one[0].stderr[-3000:]
+    ref = _losses(tmp_path / "one")
+    assert sorted(ref) == [1, 2, 3, 4]
+
+    # Two processes, "preempted" right after the step-2 checkpoint, then restarted in two processes.
+    two = tmp_path / "two"
+    first = _run_processes(two, 2, {"ALIGNJAX_KILL_AFTER_STEP": "2"})
+    assert [r.returncode for r in first] == [3, 3], [r.stderr[-3000:] for r in first]
+    assert sorted(_losses(two)) == [1, 2]
+    second = _run_processes(two, 2)
+    assert [r.returncode for r in second] == [0, 0], [r.stderr[-3000:] for r in second]
+    assert "resuming" in second[0].stdout
+    got = _losses(two)
+    assert sorted(got) == [1, 2, 3, 4]  # only process 0 writes metrics.jsonl: no duplicate rows
+    for step in ref:
+        np.testing.assert_allclose(got[step], ref[step], atol=1e-6, rtol=0, err_msg=f"step {step}")
