@@ -1,9 +1,12 @@
 """The demo's claims, asserted: the toy SFT model learns (held-out checker accuracy >= 90%)."""
 
+import pytest
+
 from alignjax.eval.toy import toy_accuracy
 from alignjax.model.store import load_model
 
 
+@pytest.mark.slow
 def test_sft_reaches_90_percent_checker_accuracy(sft_run):
     workdir, out = sft_run
     model = load_model(str(workdir))  # the workdir itself: latest checkpoint's params

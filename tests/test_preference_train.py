@@ -22,6 +22,7 @@ def reward_run(sft_run, tmp_path_factory):
     return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0])
 
 
+@pytest.mark.slow
 def test_reward_model_learns_pairs(reward_run):
     # Measured 94% on the 200 held-out toy pairs (the SFT model's features need the preset's
     # 500 steps of batch 64: 200 steps of batch 32 gave 82.5%).
@@ -30,6 +31,7 @@ def test_reward_model_learns_pairs(reward_run):
     assert metrics["eval/num_examples"] == 200
 
 
+@pytest.mark.slow
 def test_exported_reward_model_scores_like_alignjax(reward_run, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from alignjax.data.preference import format_pair_batch
@@ -62,6 +64,7 @@ def dpo_run(sft_run, tmp_path_factory):
     return workdir, _train("configs/dpo.py:tiny", workdir, sft_run[0])
 
 
+@pytest.mark.slow
 def test_dpo_learns_preferences_and_keeps_answers(sft_run, dpo_run):
     from alignjax.data.tokenizer import load_tokenizer
     from alignjax.eval.toy import toy_accuracy
@@ -78,6 +81,7 @@ def test_dpo_learns_preferences_and_keeps_answers(sft_run, dpo_run):
 
 
 @pytest.mark.parametrize("loss_type", ["slic", "rrhf"])
+@pytest.mark.slow
 def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):
     """SLiC-HF and a ranking loss (RRHF) reach >= 85% held-out preference accuracy, measured
     against the step-0 evaluation of the SFT model they start from: RRHF must raise its accuracy
@@ -99,6 +103,7 @@ def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):
 
 
 @pytest.mark.parametrize("loss_type", ["pro", "kto", "ipo"])
+@pytest.mark.slow
 def test_each_data_kind_trains(sft_run, tmp_path, loss_type):
     """Pairwise (reference-free and -based), ranked and unpaired data run through the trainer."""
     metrics = _train("configs/dpo.py:tiny", tmp_path, sft_run[0],
@@ -108,6 +113,7 @@ def test_each_data_kind_trains(sft_run, tmp_path, loss_type):
     assert "eval/loss" in metrics and "rewards/accuracies" in metrics or loss_type == "kto"
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_colocated_and_frees_it(sft_run, tmp_path):
     """Same losses on the same batch, and no reference weights left on the devices."""
     from alignjax import sharding as shd
@@ -157,6 +163,7 @@ def _small_pairs(tmp_path, n=64):
     return path
 
 
+@pytest.mark.slow
 def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
     """ref <- alpha * policy + (1 - alpha) * ref every tau steps, checkpointed with the state:
     a run stopped after 2 steps and resumed ends exactly where an uninterrupted run does."""

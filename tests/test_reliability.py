@@ -73,6 +73,7 @@ def _losses(workdir):
 
 # ---- exports never write into a training workdir, nor half-write -------------------------------
 
+@pytest.mark.slow
 def test_export_refuses_training_workdir_which_still_resumes(run_dir, tmp_path, capsys):
     w = _copy(run_dir, tmp_path)
     before = _digest(w)
@@ -92,6 +93,7 @@ def test_export_refuses_training_workdir_which_still_resumes(run_dir, tmp_path, 
     assert out["metrics"] == {}
 
 
+@pytest.mark.slow
 def test_export_into_non_empty_dir_needs_overwrite(run_dir, tmp_path, capsys):
     out = tmp_path / "hf"
     out.mkdir()
@@ -107,6 +109,7 @@ def test_export_into_non_empty_dir_needs_overwrite(run_dir, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out).config.hidden_size == 32
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_old_output_intact(run_dir, tmp_path, monkeypatch):
     from alignjax.convert import hf as hf_convert
     out = tmp_path / "hf"
@@ -130,6 +133,7 @@ def test_failed_export_leaves_old_output_intact(run_dir, tmp_path, monkeypatch):
 
 # ---- damaged checkpoints -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_damaged_checkpoint(run_dir, tmp_path, capsys):
     w = _copy(run_dir, tmp_path)
     os.remove(w / "checkpoints" / "40" / "state" / "_METADATA")
@@ -145,6 +149,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(run_dir, tmp_path, capsys):
     assert out["metrics"]["loss"] == pytest.approx(ref[STEPS], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_load_and_generate_fall_back_and_all_damaged_is_one_line(run_dir, tmp_path, capsys):
     from alignjax.checkpoint import Checkpointer
     from alignjax.model.params import abstract_params
@@ -173,6 +178,7 @@ def test_load_and_generate_fall_back_and_all_damaged_is_one_line(run_dir, tmp_pa
 
 # ---- only a saved step pins the workdir's config -----------------------------------------------
 
+@pytest.mark.slow
 def test_run_that_never_saved_does_not_pin_the_architecture(run_dir, tmp_path, monkeypatch, capsys):
     from alignjax import train
     from alignjax.config import save_config
@@ -215,6 +221,7 @@ def _saved_line(err: str, name: str) -> int:
     return int(lines[0].split("saved checkpoint ")[1].split()[0])
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_and_resume_exactly(run_dir, tmp_path, capsys):
     """A real SIGTERM to `alignjax train` (what a preempted TPU VM gets), then the same run
     resumed in-process and stopped by SIGINT (Ctrl-C): both save, and every step's loss equals
@@ -248,6 +255,7 @@ def test_sigterm_and_sigint_save_and_resume_exactly(run_dir, tmp_path, capsys):
 
 # ---- sample --out: atomic, and a rerun resumes instead of resampling ---------------------------
 
+@pytest.mark.slow
 def test_sample_resumes_after_a_crash_and_writes_atomically(run_dir, tmp_path, monkeypatch, capsys):
     from alignjax.model.generate import Generator
 
@@ -298,6 +306,7 @@ BAD_SFT = {57: "{not json", 333: json.dumps({"prompt": "x"}),
            590: json.dumps({"prompt": "x", "completion": 3})}
 
 
+@pytest.mark.slow
 def test_bad_records_are_all_reported_before_the_first_step(run_dir, tmp_path, capsys):
     data = _sft_file(tmp_path / "train.jsonl", bad=BAD_SFT)
     w = tmp_path / "w"
@@ -312,6 +321,7 @@ def test_bad_records_are_all_reported_before_the_first_step(run_dir, tmp_path, c
     assert not os.path.exists(w / "metrics.jsonl") and not os.path.exists(w / "checkpoints")
 
 
+@pytest.mark.slow
 def test_skip_invalid_trains_and_counts_skipped_and_truncated(run_dir, tmp_path, capsys):
     data = _sft_file(tmp_path / "train.jsonl", bad=BAD_SFT, long=(10, 20, 30, 40))
     out = run_training(_config([f"data.train={data}", f"tokenizer.path={run_dir / 'tokenizer'}",

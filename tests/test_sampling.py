@@ -60,6 +60,7 @@ def test_read_prompts_names_the_bad_line(tmp_path):
         sampling.read_prompts(str(path))
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_on_policy_pairs_the_trainer_reads(sft_run, tmp_path, capsys):
     from alignjax.cli import main
     from alignjax.config import load_config
