@@ -27,11 +27,6 @@ TINY = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64",
         "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.checkpoint.async_save=False"]
 TRAIN = "train --config configs/sft.py:tiny --workdir {fresh}"  # a new workdir per row
-# Records are read only once the training loop runs (after compiling, under the progress bar);
-# validating every record before the first step is issue 10's "Recovery" item (rel-state).
-DATA_READ_IN_LOOP = pytest.mark.xfail(
-    reason="records are validated inside the loop: the error line follows a progress bar",
-    strict=False)
 
 
 def _train_args(world, steps: int) -> list[str]:
@@ -82,8 +77,6 @@ def world(tmp_path_factory):
         "noget.py": "X = 1\n",
         "nosweep.py": "X = 1\n",
         "badgrid.py": "SWEEP = {'base': 'configs/sft.py:tiny', 'grid': {'optimizer.lr': []}}\n",
-        "malformed.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n',
-        "nullfield.jsonl": '{"prompt": "a", "completion": null}\n',
         "prompts.jsonl": '{"text": "no prompt key here"}\n',
     }.items():
         w[name.replace(".", "_")] = _write(root / name, text)
@@ -165,9 +158,6 @@ ROWS = [
      ["{root}/no-tokenizer", "no such tokenizer directory"]),
     ("score-max-length-0", "score --model {wd} --prompt a --response b --max-length 0",
      ["--max-length 0", ">= 2"]),
-    pytest.param("record-null-field", TRAIN + " --config.data.train={nullfield_jsonl} "
-                 "--config.data.eval= " + " ".join(TINY), ["{nullfield_jsonl}:1", "'completion' is null"],
-                 marks=DATA_READ_IN_LOOP),
     # -- already clear: command line
     ("no-command", "", ["required: COMMAND"]),
     ("unknown-command", "frobnicate", ["invalid choice: 'frobnicate'"]),
@@ -229,8 +219,11 @@ ROWS = [
     # -- already clear: data, models, workdirs
     ("missing-data-file", TRAIN + " --config.data.train={root}/nope.jsonl --config.data.eval=",
      ["{root}/nope.jsonl"]),
-    pytest.param("malformed-data-line", TRAIN + " --config.data.train={malformed_jsonl} "
-                 "--config.data.eval= " + " ".join(TINY), ["{malformed_jsonl}:2"], marks=DATA_READ_IN_LOOP),
+    ("data-dir-not-a-dataset", TRAIN + " --config.data.train={empty} --config.data.eval=",
+     ["{empty}", "save_to_disk"]),
+    ("data-unknown-format", TRAIN + " --config.data.train={afile} --config.data.eval=",
+     ["{afile}", "unknown data format"]),
+    ("tokenizer-path-is-file", TRAIN + " --config.tokenizer.path={afile}", ["{afile}", "is a file"]),
     ("init-from-missing", TRAIN + " --config.model.init_from={root}/no-model", ["{root}/no-model"]),
     ("resume-architecture-change", "train --config configs/sft.py:tiny --workdir {wd} "
      "--config.data.train={data} --config.data.eval= --config.train.steps=2 "
@@ -309,6 +302,26 @@ def test_bad_input_gets_one_line(world, capsys, request, command, expected):
     after = _snapshot(world["root"])
     changed = [p for p, h in before.items() if after.get(p) != h]
     assert not changed, f"changed or removed: {changed}"
+
+
+@pytest.mark.parametrize("lines,message", [
+    ('{"prompt": "a", "completion": null}', "{path}:1: 'completion' is null"),
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', "{path}:2: "),
+])
+def test_bad_records_are_listed_before_training(world, capsys, tmp_path, lines, message):
+    # A list of bad records (the first 20 and the count) is the one multi-line error: a header
+    # naming data.train, then one file:line per record; nothing is trained or saved.
+    path = _write(tmp_path / "data.jsonl", lines + "\n")
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli_main(shlex.split(TRAIN.format(fresh=workdir)) +
+                 [f"--config.data.train={path}", "--config.data.eval="] + TINY)
+    err = capsys.readouterr().err
+    out = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and "Traceback" not in err and "it/s" not in err, err
+    assert out[0].startswith("alignjax: error: data.train: 1 invalid records"), err
+    assert len(out) == 2 and message.format(path=path) in out[1], err
+    assert not (workdir / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("record,message", [
