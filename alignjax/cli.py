@@ -90,7 +90,7 @@ def cmd_generate(args):
     eos = model.eos_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos, pad_id=pad,
-                    blocked_ids=blocked)
+                    blocked_ids=blocked, overflow="truncate" if args.truncate_prompts else "error")
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     out = gen.generate_ids(model.params, prompts, sampling)
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditional-token model: prefix each prompt with <|good|> or <|bad|> "
                         "(control tokens are never generated)")
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, completion}")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="left-truncate prompts that do not fit max_position_embeddings with "
+                        "--max-new-tokens (default: refuse them)")
     _add_mesh(p)
     p.set_defaults(func=cmd_generate)
 

@@ -175,7 +175,8 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None):
+    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None,
+                 layer=None):
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_bthd = _dense((h, d), ("embed",), ("heads", "head_dim"), c.attention_bias, c, "q")(x_bte)
@@ -185,11 +186,17 @@ class Attention(nn.Module):
         k_btkd = apply_rope(k_btkd, cos, sin)
 
         new_kv = None
-        if cache_kv is not None:  # write this chunk at [index, index + T) and attend to the cache
+        if cache_kv is not None:
+            # The stacked [layers, B, S, kv, d] cache is carried through the layer scan: write only
+            # this chunk's K/V at [layer, :, index:index + T] (in place, no whole-cache copy), then
+            # attend to this layer's slice.
             ck, cv = cache_kv
-            k_btkd = jax.lax.dynamic_update_slice(ck, k_btkd.astype(ck.dtype), (0, cache_index, 0, 0))
-            v_btkd = jax.lax.dynamic_update_slice(cv, v_btkd.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_kv = (k_btkd, v_btkd)
+            at = (layer, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k_btkd.astype(ck.dtype)[None], at)
+            cv = jax.lax.dynamic_update_slice(cv, v_btkd.astype(cv.dtype)[None], at)
+            new_kv = (ck, cv)
+            k_btkd = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            v_btkd = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
 
         b, t = q_bthd.shape[:2]
         # The kernel tiles the sequence in blocks of 128: other lengths (and decode) use XLA.
@@ -223,14 +230,17 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bte, cache_kv, cos, sin, mask_bts, cache_index, segment_ids_bt):
+    def __call__(self, carry, cos, sin, mask_bts, cache_index, segment_ids_bt):
+        """carry = (x [B,T,E], stacked KV cache or None, this layer's index)."""
+        x_bte, cache_kv, layer = carry
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
         attn_out, new_kv = Attention(c, name="attn")(
-            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt)
+            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt,
+            layer)
         x_bte = x_bte + attn_out
         x_bte = x_bte + MLP(c, name="mlp")(norm(name="mlp_norm")(x_bte))
-        return constrain(x_bte, ("batch", "length", None)), new_kv
+        return (constrain(x_bte, ("batch", "length", None)), new_kv, layer + 1), None
 
 
 _REMAT_POLICIES = {
@@ -279,9 +289,10 @@ class Llama(nn.Module):
         if c.remat_policy != "none":
             layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x_bte, new_kv = stack(c, name="layers")(x_bte, cache_kv, cos, sin, mask, index, segment_ids_bt)
+        (x_bte, new_kv, _), _ = stack(c, name="layers")(
+            (x_bte, cache_kv, jnp.zeros((), jnp.int32)), cos, sin, mask, index, segment_ids_bt)
 
         new_cache = None
         if cache is not None:
@@ -308,3 +319,9 @@ def head_kernel(params: dict, config: LlamaConfig):
     if config.tie_word_embeddings:
         return p["embed"]["embedding"].T
     return p["lm_head"]["kernel"]
+
+
+def project_logits(params: dict, config: LlamaConfig, x_bte):
+    """What the LM head computes from `output="hidden"` states (e.g. only the last prompt position)."""
+    dtype = _dtype(config.dtype)
+    return jnp.dot(x_bte.astype(dtype), head_kernel(params, config).astype(dtype))
