@@ -11,6 +11,7 @@ does not restore (a file lost or cut short) while an older one does is moved asi
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -38,7 +39,6 @@ def is_training_workdir(path: str) -> bool:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return True
     try:
-        import json
         with open(os.path.join(path, "config.json")) as f:
             return "algorithm" in json.load(f)
     except (OSError, ValueError, TypeError):
