@@ -293,8 +293,17 @@ def test_process_sharding_disjoint_and_covering(tmp_path, bpe_tokenizer):
     assert [len(s) for s in shards] == [5, 5, 4]
     assert collections.Counter(sum(shards, [])) == collections.Counter(
         _expected_docs(recs, bpe_tokenizer))
-    expected_0 = set(_expected_docs(recs[0::3], bpe_tokenizer))
-    assert set(shards[0]) == expected_0  # process i reads records [i::count]
+    # Process i reads every 3rd record of the one global order, so local batch k of the three
+    # processes holds exactly global batch k of one process (padded rows: one record each).
+    def batches(i, count, batch_size):
+        return [_docs([b]) for b in make_sft_iterator(
+            path, bpe_tokenizer, {"packing": "pad"}, seed=5, batch_size=batch_size, seq_len=64,
+            process_index=i, process_count=count, num_epochs=1)]
+    single = batches(0, 1, 6)
+    local = [batches(i, 3, 2) for i in range(3)]
+    for k, global_batch in enumerate(single[:2]):  # the full steps (14 records = 2 x 6 + 2)
+        assert sorted(global_batch) == sorted(sum((local[i][k] for i in range(3)), []))
+    assert sum(local[0], []) == sum(single, [])[0::3]
     with pytest.raises(DataError, match="process_index"):
         make_sft_iterator(path, bpe_tokenizer, {}, seed=0, batch_size=2, seq_len=64,
                           process_index=3, process_count=3)

@@ -7,9 +7,10 @@
     state = it.get_state()                # JSON-serialisable; store it with the checkpoint
     it2 = make_sft_iterator(...same args...); it2.set_state(state)   # continues exactly
 
-Each process reads only records ``[process_index::process_count]`` (before shuffling, so the
-shards are disjoint and cover the data), shuffles its shard with ``seed`` and reshuffles every
-epoch. The returned object is grain's own ``DatasetIterator`` (so grain/orbax checkpoint
+All processes walk one global record order (shuffled with ``seed``, reshuffled every epoch) and
+each takes every ``process_count``-th record of it, so the shards are disjoint, cover the data,
+and with ``packing="pad"`` a step trains on the same records for any process count (packing
+packs each process's own records, so packed rows depend on the process count). The returned object is grain's own ``DatasetIterator`` (so grain/orbax checkpoint
 handlers work on it) with an extra ``sft_stats`` attribute counting truncated and dropped
 examples; those counters are taken when an example is tokenized, which can run ahead of the
 consumer by the prefetch buffer, and they are not part of the iterator state.
@@ -198,15 +199,17 @@ def _check_args(tokenizer, batch_size: int, seq_len: int, process_index: int,
 
 def shard_records(source, *, seed: int, process_index: int, process_count: int, shuffle: bool,
                   num_epochs: int | None) -> grain.MapDataset:
-    """Record indices this process reads: its slice [i::count] (before shuffling, so shards are
-    disjoint and cover the data), shuffled by seed, repeated with a new shuffle each epoch."""
-    records = grain.MapDataset.range(len(source))[process_index::process_count]
-    if len(records) == 0:
+    """Record indices this process reads: every `count`-th record, from `index` on, of the one
+    global order (shuffled by seed, a new shuffle each epoch). The shards are disjoint and cover
+    the data, and local batch k of every process together hold the same records as global batch k
+    of a single process: the data of a step does not depend on the number of processes."""
+    if len(source) < process_count:
         raise DataError(f"process {process_index}/{process_count} gets no records from "
                         f"{len(source)} in {source!r}")
+    records = grain.MapDataset.range(len(source))
     if shuffle:
         records = records.shuffle(seed=seed)
-    return records.repeat(num_epochs)
+    return records.repeat(num_epochs)[process_index::process_count]
 
 
 def prefetch_batches(batches: grain.IterDataset, cfg) -> grain.IterDataset:

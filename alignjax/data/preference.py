@@ -276,8 +276,9 @@ def make_preference_iterator(
 ) -> grain.DatasetIterator:
     """Checkpointable iterator of preference batches (module doc). ``num_epochs=None``: forever.
 
-    Process ``i`` reads records ``[i::process_count]`` (disjoint shards), shuffles its shard with
-    ``seed`` and reshuffles every epoch. With a finite ``num_epochs`` the last batch is completed
+    Process ``i`` reads every ``process_count``-th record, from ``i`` on, of one global order
+    (shuffled with ``seed``, reshuffled every epoch): disjoint shards, and a step trains on the same
+    records for any process count (alignjax.data.pipeline.shard_records). With a finite ``num_epochs`` the last batch is completed
     with filler rows (``example_valid=False``). ``iterator.pref_stats`` holds the counters.
     """
     source, fmt_index, collate, stats = _setup(sources, tokenizer, cfg, kind, batch_size, seq_len,
