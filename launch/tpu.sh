@@ -39,8 +39,9 @@ flags:
   --spot | --reserved       create: capacity type (default on-demand)
   --direct                  create/delete a TPU VM without a queued resource
   --job NAME                run/logs/check/stop: job name for logs and pid files (default: run)
-  --restart                 run/sweep: restart the command when it exits non-zero (143 after
-                            SIGTERM included), except 2 (a usage error) and 130 (interrupted)
+  --restart                 run/sweep: restart the command (sweep: each run) when it exits
+                            non-zero (143 after SIGTERM included), except 2 (a usage error)
+                            and 130 (interrupted)
   --max-restarts N          default 20
   --restart-delay S         seconds between restarts (default 10)
   --sweep FILE --workdir DIR   sweep
@@ -170,16 +171,19 @@ VM=(gcloud compute tpus tpu-vm)
 # ssh NAME COMMAND: one shell command line on every worker of a pod.
 on_all() { x "${VM[@]}" ssh "$1" "${GLOBAL[@]}" --worker=all --command "$2"; }
 
-# The shell line that starts COMMAND-LINE detached on a worker: its own session (so `stop` can
-# signal the whole group), output in logs/JOB.<hostname>.log, pid in logs/JOB.pid.
+# With --restart, COMMAND-LINE inside a retry loop: a preempted or crashed run resumes from its
+# workdir's latest checkpoint when started again; 0, 2 (usage error) and 130 (Ctrl-C) end it.
+retried() {
+  if [[ $RESTART == 0 ]]; then printf '%s' "$1"; return; fi
+  printf '%s' "n=0; while true; do $1; rc=\$?; if [ \$rc -eq 0 ] || [ \$rc -eq 2 ] ||"
+  printf '%s' " [ \$rc -eq 130 ] || [ \$n -ge $MAX_RESTARTS ]; then break; fi; n=\$((n+1));"
+  printf '%s' " echo \"launch: exit \$rc, restart \$n/$MAX_RESTARTS in $RESTART_DELAY s\"; sleep $RESTART_DELAY; done"
+}
+
+# The shell line that starts BODY detached on a worker: its own session (so `stop` can signal
+# the whole group), output in logs/JOB.<hostname>.log, pid in logs/JOB.pid.
 detached() {
   local body="export PATH=\"\$HOME/.local/bin:\$PATH\"; $1"
-  if [[ $RESTART == 1 ]]; then
-    # A preempted or crashed run resumes from its workdir's latest checkpoint when started again.
-    body="export PATH=\"\$HOME/.local/bin:\$PATH\"; n=0; while true; do $1; rc=\$?;"
-    body+=" if [ \$rc -eq 0 ] || [ \$rc -eq 2 ] || [ \$rc -eq 130 ] || [ \$n -ge $MAX_RESTARTS ]; then exit \$rc; fi;"
-    body+=" n=\$((n+1)); echo \"launch: exit \$rc, restart \$n/$MAX_RESTARTS in $RESTART_DELAY s\"; sleep $RESTART_DELAY; done"
-  fi
   printf '%s' "cd $REMOTE_DIR && mkdir -p logs && { setsid nohup bash -c $(shq "$body") > logs/$JOB.\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/$JOB.pid; }"
 }
 
@@ -237,7 +241,7 @@ EOF
     ;;
   run)
     [[ ${#CMD[@]} -gt 0 ]] || die "run: give the command after --, e.g. -- alignjax train --config configs/sft.py:tiny --workdir runs/sft"
-    on_all "$NAME" "$(detached "$(shjoin "${CMD[@]}")")"
+    on_all "$NAME" "$(detached "$(retried "$(shjoin "${CMD[@]}")")")"
     ;;
   sweep)
     [[ -n $SWEEP && -n $WORKDIR ]] || die "sweep: --sweep FILE and --workdir DIR are required"
@@ -247,10 +251,13 @@ EOF
       --print-commands) || die "sweep: could not expand $SWEEP (the error is above)"
     mapfile -t runs <<< "$listing"
     [[ ${#runs[@]} -gt 0 ]] || die "sweep: $SWEEP expands to no runs"
-    # Round-robin: pod i gets runs i, i+P, i+2P, ...; each pod runs its share one after another.
+    # Round-robin: pod i gets runs i, i+P, i+2P, ...; each pod runs its share one after another
+    # (a failed run does not stop the next one; with --restart each run has its own retry loop).
     for i in "${!NAMES[@]}"; do
       share=""
-      for ((j = i; j < ${#runs[@]}; j += ${#NAMES[@]})); do share+="${share:+ ; }${runs[j]}"; done
+      for ((j = i; j < ${#runs[@]}; j += ${#NAMES[@]})); do
+        share+="${share:+ ; }$(retried "${runs[j]}")"
+      done
       [[ -z $share ]] || on_all "${NAMES[i]}" "$(detached "$share")"
     done
     ;;

@@ -125,11 +125,14 @@ def test_run_restart_wraps_a_retry_loop():
     line = dry("run", "--name", "pod", "--zone", "z", "--restart", "--max-restarts", "3",
                "--job", "sft", "--", "alignjax", "train")[0]
     assert remote_command(line) == (
-        "cd alignjax && mkdir -p logs && { setsid nohup bash -c '" + PATH_LINE
-        + "n=0; while true; do alignjax train; rc=$?; if [ $rc -eq 0 ] || [ $rc -eq 2 ] || "
-        "[ $rc -eq 130 ] || [ $n -ge 3 ]; then exit $rc; fi; n=$((n+1)); echo \"launch: exit $rc, "
-        "restart $n/3 in 10 s\"; sleep 10; done' > logs/sft.$(hostname).log 2>&1 < /dev/null & "
-        "echo $! > logs/sft.pid; }")
+        "cd alignjax && mkdir -p logs && { setsid nohup bash -c '" + PATH_LINE + _retried("alignjax train", 3)
+        + "' > logs/sft.$(hostname).log 2>&1 < /dev/null & echo $! > logs/sft.pid; }")
+
+
+def _retried(command: str, max_restarts: int = 20) -> str:
+    return (f"n=0; while true; do {command}; rc=$?; if [ $rc -eq 0 ] || [ $rc -eq 2 ] || "
+            f"[ $rc -eq 130 ] || [ $n -ge {max_restarts} ]; then break; fi; n=$((n+1)); "
+            f"echo \"launch: exit $rc, restart $n/{max_restarts} in 10 s\"; sleep 10; done")
 
 
 def test_stop():
@@ -177,6 +180,12 @@ def test_sweep_spread_over_pods_round_robin():
     assert [shlex.split(line)[5] for line in out] == ["pod-a", "pod-b"]
     assert remote_command(out[0]) == _detached(f"{SWEEP_RUNS[0]} ; {SWEEP_RUNS[2]}")
     assert remote_command(out[1]) == _detached(SWEEP_RUNS[1])
+
+
+def test_sweep_restart_retries_each_run_on_its_own():
+    out = dry("sweep", "--name", "pod", "--zone", "z", "--sweep", "configs/sweeps/sft_lr.py",
+              "--workdir", "runs/lr", "--restart")
+    assert remote_command(out[0]) == _detached(" ; ".join(_retried(r) for r in SWEEP_RUNS))
 
 
 def test_print_commands_matches_expand_sweep(capsys):
