@@ -237,6 +237,53 @@ def _batch_list(text: str) -> list[int]:
     return sizes
 
 
+def _eval_sampling(args):
+    from alignjax.model.generate import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_eval_winrate(args):
+    from alignjax import sharding as shd
+    from alignjax.eval.run import eval_winrate, winrate_markdown
+    report = eval_winrate(args.model, args.baseline, args.prompts, args.judge, args.out,
+                          _eval_sampling(args), template=args.template, order=args.order,
+                          verdict=args.verdict, chat=args.chat, num_prompts=args.num_prompts,
+                          batch_size=args.batch_size, judge_max_new_tokens=args.judge_max_new_tokens,
+                          mesh=shd.make_mesh(parse_mesh(args.mesh)))
+    print(winrate_markdown(report), end="")
+    print(f"wrote {args.out}/winrate.md, winrate.json, winrate.png, samples.jsonl")
+
+
+def cmd_eval_judge(args):
+    from alignjax import sharding as shd
+    from alignjax.eval.run import eval_judge, judge_markdown
+    report = eval_judge(args.judge, args.pairs, template=args.template, verdict=args.verdict,
+                        out=args.out, num_pairs=args.num_pairs,
+                        judge_max_new_tokens=args.judge_max_new_tokens,
+                        mesh=shd.make_mesh(parse_mesh(args.mesh)))
+    print(judge_markdown(report), end="")
+    if args.out:
+        print(f"wrote {args.out}/judge.md, judge.json")
+
+
+def cmd_eval_length(args):
+    from alignjax import sharding as shd
+    from alignjax.eval.run import eval_length
+    report = eval_length(args.model, args.prompts, args.reward, args.out, _eval_sampling(args),
+                         chat=args.chat, num_prompts=args.num_prompts, batch_size=args.batch_size,
+                         mesh=shd.make_mesh(parse_mesh(args.mesh)))
+    with open(os.path.join(args.out, "length.md")) as f:
+        print(f.read(), end="")
+    print(f"wrote {args.out}/length.md, length.json, length.png ({len(report['models'])} models)")
+
+
+def cmd_plot(args):
+    from alignjax.eval.plots import plot_metrics
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    print(f"wrote {plot_metrics(args.workdirs, metrics, args.out)}")
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -378,6 +425,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     _add_mesh(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="win rates (reward model, checker or LLM judge), judge "
+                                    "meta-evaluation, length bias")
+    ev = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+
+    def eval_sampling_flags(p):
+        p.add_argument("--prompts", required=True,
+                       help="'toy' (toy held-out prompts) or a JSONL/Parquet file with 'prompt'")
+        p.add_argument("--num-prompts", type=int, default=0, help="first N prompts (0: all; toy: 200)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0, help="0 = off")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+        p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+        p.add_argument("--out", required=True, help="output directory (table, JSON, PNG)")
+        _add_mesh(p)
+
+    def judge_flags(p):
+        p.add_argument("--template", default="rules",
+                       metavar="vanilla|rules|rules_metrics_reference|mtbench",
+                       help="LLM judge prompt (default rules)")
+        p.add_argument("--verdict", choices=("prob", "text"), default="prob",
+                       help="LLM judge: label-token probabilities (one forward pass) or parsed "
+                            "generated text")
+        p.add_argument("--judge-max-new-tokens", type=int, default=128,
+                       help="LLM judge: tokens per generated reply (text mode, first stage)")
+
+    p = ev.add_parser("winrate", help="win rate of --model against --baseline",
+                      description="Generates with both models (each with its own tokenizer) and "
+                                  "judges the texts: wins/ties/losses, adjusted win rate with a "
+                                  "bootstrap 95%% interval, length-controlled win rate, mean "
+                                  "lengths. Writes winrate.md, winrate.json, winrate.png and "
+                                  "samples.jsonl under --out.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--judge", required=True, help="toy | reward:DIR | llm:DIR")
+    p.add_argument("--order", choices=("both", "single"), default="both",
+                   help="LLM judge: judge each pair in both orders (default) or as given")
+    judge_flags(p)
+    eval_sampling_flags(p)
+    p.set_defaults(func=cmd_eval_winrate)
+
+    p = ev.add_parser("judge", help="meta-evaluate a judge on gold-labelled pairs",
+                      description="Accuracy over both orders, positional agreement, first-order "
+                                  "accuracy, per subset (LLMBar's measures).")
+    p.add_argument("--judge", required=True, help="llm:DIR | reward:DIR | toy")
+    p.add_argument("--pairs", required=True,
+                   help="'toy' (toy judge pairs) or JSONL {prompt, output_a, output_b, label: A|B, "
+                        "subset}")
+    p.add_argument("--num-pairs", type=int, default=0, help="first N pairs (toy: N per subset, "
+                                                            "default 100)")
+    p.add_argument("--out", default=None, help="also write judge.md and judge.json here")
+    judge_flags(p)
+    _add_mesh(p)
+    p.set_defaults(func=cmd_eval_judge)
+
+    p = ev.add_parser("length", help="response length per model and its correlation with reward")
+    p.add_argument("--model", action="append", required=True, help="model dir (repeatable)")
+    p.add_argument("--reward", required=True, help="reward spec: toy, a reward-model dir, ...")
+    eval_sampling_flags(p)
+    p.set_defaults(func=cmd_eval_length)
+
+    p = sub.add_parser("plot", help="PNG curves of metrics.jsonl keys against step")
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+    p.add_argument("--metrics", required=True, help="comma-separated keys, e.g. loss,eval/accuracy")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
