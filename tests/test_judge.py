@@ -210,3 +210,14 @@ def test_toy_judge_pairs_subsets_gold_and_balance():
     for p in surface:  # the wrong answer copies the prompt's own words, in its order
         bad = p["output_b"] if p["label"] == "A" else p["output_a"]
         assert bad in p["prompt"]
+
+
+def test_toy_judge_training_records_hold_out_the_evaluation_prompts():
+    records = toy_judge.sft_records(30, "vanilla")
+    held_out = {p["prompt"] for p in toy_judge.judge_pairs(100, seed=0)}
+    t = J.TEMPLATES["vanilla"]
+    assert [r["completion"] for r in records] == ["A", "B"] * 15
+    for r in records:
+        assert r["prompt"].startswith(t.prompt.split("{instruction}")[0])
+        instruction = r["prompt"].split("# Instruction\n")[1].split("\n")[0]
+        assert instruction not in held_out

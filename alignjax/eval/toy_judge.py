@@ -41,11 +41,13 @@ def _wrong(subset: str, e: toy.ToyExample, rng: np.random.Generator) -> Optional
     return None if toy.check(e, out) else out
 
 
-def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS) -> list[dict]:
-    """`n_per_subset` pairs per subset, positions balanced (see the module docstring)."""
+def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS,
+                exclude=()) -> list[dict]:
+    """`n_per_subset` pairs per subset, positions balanced (see the module docstring); no prompt
+    in `exclude`."""
     rng = np.random.default_rng([seed, 13])
     # more prompts than needed: `surface` skips prompts whose items already are the answer
-    examples = toy.make_examples(2 * n_per_subset + 20, seed=[seed, 1])
+    examples = toy.make_examples(2 * n_per_subset + 20, seed=[seed, 1], exclude=exclude)
     out = []
     for subset in subsets:
         rows = []
@@ -63,3 +65,40 @@ def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS) -> list
             raise ValueError(f"only {len(rows)} toy pairs for subset {subset}")
         out += rows
     return out
+
+
+def sft_records(n: int, template: str = "vanilla", seed: int = 1, subsets=("natural",)) -> list[dict]:
+    """Judge training data: {prompt: the template's judge prompt, completion: the gold label},
+    from `n` pairs per subset whose prompts avoid the evaluation pairs' (seed 0) prompts."""
+    from alignjax.eval.judge import get_template
+    t = get_template(template)
+    held_out = {p["prompt"] for p in judge_pairs(100, seed=0)}
+    pairs = judge_pairs(n, seed=seed, subsets=subsets, exclude=held_out)
+    return [{"prompt": t.render(p["prompt"], p["output_a"], p["output_b"]), "completion": p["label"]}
+            for p in pairs]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    import os
+    ap = argparse.ArgumentParser(description="Write toy judge data: pairs.jsonl (gold pairs for "
+                                             "`alignjax eval judge`) and train.jsonl (SFT records "
+                                             "for training a judge).")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n-train", type=int, default=4000, help="training pairs per subset")
+    ap.add_argument("--n-eval", type=int, default=100, help="gold pairs per subset")
+    ap.add_argument("--template", default="vanilla")
+    ap.add_argument("--train-subsets", default="natural")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, rows in (("pairs.jsonl", judge_pairs(args.n_eval)),
+                       ("train.jsonl", sft_records(args.n_train, args.template,
+                                                   subsets=tuple(args.train_subsets.split(","))))):
+        with open(os.path.join(args.out, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} records to {os.path.join(args.out, name)}")
+
+
+if __name__ == "__main__":
+    main()
