@@ -353,3 +353,13 @@ def test_preference_records_are_checked_up_front(bpe_tokenizer, tmp_path, capsys
     (source,) = checked_sources(str(data), str(tmp_path), "train", bpe_tokenizer, cfg, "pair")
     assert len(source) == 297 and source.where(40) == f"{data}:42"
     assert "skipped 3 invalid records of 300" in capsys.readouterr().err
+
+
+def test_sample_checks_out_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from alignjax.model import store
+    monkeypatch.setattr(store, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file" / "x.jsonl", tmp_path):  # parent is a file; out is a directory
+        err = _fails(["sample", "--model", str(tmp_path), "--prompts", "toy", "--reward", "toy",
+                      "--out", str(out)], capsys)
+        assert "--out" in err
