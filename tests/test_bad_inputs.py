@@ -407,6 +407,22 @@ def test_read_only_file_system_message(tmp_path, monkeypatch):
         require_writable_dir(str(tmp_path / "x"), "--out")
 
 
+@pytest.mark.parametrize("kind,record,message", [
+    ("pair", {"prompt": "p", "chosen": None, "rejected": "b"}, "'chosen' is null"),
+    ("kto", {"prompt": "p", "completion": "a", "label": None}, "'label' is null"),
+])
+def test_null_preference_field_is_named(tmp_path, bpe_tokenizer, kind, record, message):
+    # Was "record lacks ['chosen'] ... (present: ['chosen', 'prompt', 'rejected'])".
+    from alignjax.data.preference import make_preference_eval_iterator
+    from alignjax.data.sources import DataError
+
+    path = _write(tmp_path / "prefs.jsonl", json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        list(make_preference_eval_iterator(path, bpe_tokenizer, {}, kind=kind, batch_size=2,
+                                           seq_len=32))
+    assert f"{path}:1: {message}" in str(e.value) and "lacks" not in str(e.value)
+
+
 def test_interrupt_outside_training_is_one_line(world, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt

@@ -197,6 +197,10 @@ class PreferenceFormatter:
             fmt = KIND_FORMATS[self.kind][0]
             if self.kind == "pair" and record.get("prompt") is None:
                 fmt = "transcripts"
+        null = [k for k in FORMAT_KEYS[fmt] if k in record and record[k] is None]
+        if null:  # present but null is a wrong value, not a missing key
+            raise InvalidRecord(f"{where}: {', '.join(repr(k) + ' is null' for k in null)} for "
+                                f"{self.kind!r} data; give it a value")
         missing = [k for k in FORMAT_KEYS[fmt] if record.get(k) is None]
         if missing:
             expected = " or ".join(str(list(FORMAT_KEYS[f])) for f in KIND_FORMATS[self.kind])
