@@ -82,6 +82,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_exact_resume_after_kill(uninterrupted, tmp_path):
     killed = _train(tmp_path, env={"ALIGNJAX_KILL_AFTER_STEP": "3"})
     assert killed.returncode == 3, killed.stderr[-3000:]
@@ -96,6 +97,7 @@ def test_exact_resume_after_kill(uninterrupted, tmp_path):
     assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_same_losses_on_another_mesh(uninterrupted, tmp_path):
     r = _train(tmp_path, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -104,6 +106,7 @@ def test_same_losses_on_another_mesh(uninterrupted, tmp_path):
         np.testing.assert_allclose(got[step], ref[step], atol=1e-4, rtol=0, err_msg=f"step {step}")
 
 
+@pytest.mark.slow
 def test_workdir_is_a_model_and_exports(uninterrupted, tmp_path):
     from transformers import AutoModelForCausalLM
     cli_main(["convert", "alignjax-to-hf", "--ckpt", str(uninterrupted), "--out", str(tmp_path / "hf")])
@@ -138,6 +141,7 @@ def test_packed_batch_loss_equals_its_pieces(bpe_tokenizer):
     assert float(s_p["count"]) == float(s_a["count"]) > 0
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_with_clear_error(tmp_path):
     r = _train(tmp_path, ["optimizer.lr=1e12", "optimizer.grad_clip=0.0", "train.steps=4"])
     assert r.returncode == 2
