@@ -79,9 +79,10 @@ def cmd_convert_alignjax_to_hf(args):
 def cmd_generate(args):
     from alignjax import sharding as shd
     from alignjax.conditional import generation_setup
-    from alignjax.model.generate import Generator, SamplingParams, completions_to_text
+    from alignjax.model.generate import Generator, completions_to_text
     from alignjax.model.store import load_model
     from alignjax.model.tokenize import load_model_tokenizer
+    sampling = _sampling_params(args)  # bad flags fail before the model loads
     model = load_model(args.model, shd.make_mesh(parse_mesh(args.mesh)), head="lm")
     tokenizer = load_model_tokenizer(model, args.model)
     # Control tokens of a conditional-token model are never generated, conditioned or not.
@@ -91,8 +92,6 @@ def cmd_generate(args):
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gen = Generator(model.module, model.mesh, model.rules, eos_ids=eos, pad_id=pad,
                     blocked_ids=blocked, overflow="truncate" if args.truncate_prompts else "error")
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     out = gen.generate_ids(model.params, prompts, sampling)
     texts = completions_to_text(tokenizer, out["tokens"], out["mask"], eos)
     if args.json:
@@ -196,6 +195,7 @@ def cmd_sample(args):
     from alignjax.model.tokenize import load_model_tokenizer
     from alignjax.errors import require_writable_file
     require_writable_file(args.out, "--out")  # before any sampling work
+    _sampling_params(args)  # checks --temperature/--top-p/--top-k/--max-new-tokens up front
     mesh = shd.make_mesh(parse_mesh(args.mesh))
     model = load_model(args.model, mesh, head="lm")
     tokenizer = load_model_tokenizer(model, args.model)
@@ -237,7 +237,8 @@ def _batch_list(text: str) -> list[int]:
     return sizes
 
 
-def _eval_sampling(args):
+def _sampling_params(args):
+    """The sampling flags as SamplingParams, which checks them (commands call it before any work)."""
     from alignjax.model.generate import SamplingParams
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -247,7 +248,7 @@ def cmd_eval_winrate(args):
     from alignjax import sharding as shd
     from alignjax.eval.run import eval_winrate, winrate_markdown
     report = eval_winrate(args.model, args.baseline, args.prompts, args.judge, args.out,
-                          _eval_sampling(args), template=args.template, order=args.order,
+                          _sampling_params(args), template=args.template, order=args.order,
                           verdict=args.verdict, chat=args.chat, num_prompts=args.num_prompts,
                           batch_size=args.batch_size, judge_max_new_tokens=args.judge_max_new_tokens,
                           mesh=shd.make_mesh(parse_mesh(args.mesh)))
@@ -270,7 +271,7 @@ def cmd_eval_judge(args):
 def cmd_eval_length(args):
     from alignjax import sharding as shd
     from alignjax.eval.run import eval_length
-    report = eval_length(args.model, args.prompts, args.reward, args.out, _eval_sampling(args),
+    report = eval_length(args.model, args.prompts, args.reward, args.out, _sampling_params(args),
                          chat=args.chat, num_prompts=args.num_prompts, batch_size=args.batch_size,
                          mesh=shd.make_mesh(parse_mesh(args.mesh)))
     with open(os.path.join(args.out, "length.md")) as f:

@@ -268,6 +268,23 @@ ROWS = [
      ["--out {hf}", "--overwrite"]),
     ("import-into-workdir", "convert hf-to-alignjax --hf {hf} --out {wd}",
      ["--out {wd}", "training workdir"]),
+    # -- issue 10: sampling flags that were silently wrong or a JAX TypeError (checked up front)
+    ("generate-negative-new-tokens", "generate --model {wd} --prompt hi --max-new-tokens -5",
+     ["--max-new-tokens", "-5"]),
+    ("generate-negative-temperature", "generate --model {wd} --prompt hi --temperature -1",
+     ["--temperature", ">= 0"]),
+    ("generate-top-p-above-1", "generate --model {wd} --prompt hi --top-p 1.5", ["--top-p", "1.5"]),
+    ("generate-top-p-zero", "generate --model {wd} --prompt hi --top-p 0 --temperature 1",
+     ["--top-p", "0.0"]),
+    ("generate-negative-top-k", "generate --model {wd} --prompt hi --top-k -3", ["--top-k", "-3"]),
+    ("generate-new-tokens-beyond-model", "generate --model {wd} --prompt hi --max-new-tokens 300",
+     ["--max-new-tokens 300", "max_position_embeddings"]),
+    ("generate-prompt-beyond-model", "generate --model {wd} --max-new-tokens 8 --prompt '"
+     + "sort: 1 2 3 " * 120 + "'", ["max_position_embeddings"]),
+    ("sample-negative-temperature", "sample --model {wd} --prompts toy --reward toy "
+     "--out {out}.jsonl --temperature -1", ["--temperature", ">= 0"]),
+    ("sample-too-few-samples", "sample --model {wd} --prompts toy --reward toy --out {out}.jsonl "
+     "--n 1", ["--n 1", "n >= 2"]),
     ("generate-no-checkpoint-restores", "generate --model {wd_broken} --prompt hi",
      ["{wd_broken}/checkpoints", "no checkpoint restores"]),
 ]
