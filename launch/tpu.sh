@@ -37,7 +37,7 @@ flags:
   --runtime-version V       create: default by generation (v4: tpu-ubuntu2204-base,
                             v5e: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e)
   --spot | --reserved       create: capacity type (default on-demand)
-  --direct                  create/delete a TPU VM without a queued resource
+  --direct                  create/delete/check a TPU VM without a queued resource
   --job NAME                run/logs/check/stop: job name for logs and pid files (default: run)
   --restart                 run/sweep: restart the command (sweep: each run) when it exits
                             non-zero (143 after SIGTERM included), except 2 (a usage error)
@@ -121,8 +121,9 @@ while [[ $# -gt 0 ]]; do
     --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --accelerator-type) need_value "$@"; ACCEL=$2; shift 2 ;;
     --runtime-version) need_value "$@"; RUNTIME=$2; shift 2 ;;
-    --spot) CAPACITY=spot; shift ;;
-    --reserved) CAPACITY=reserved; shift ;;
+    --spot|--reserved)
+      [[ -z $CAPACITY || $CAPACITY == "${1#--}" ]] || die "give one of --spot and --reserved"
+      CAPACITY=${1#--}; shift ;;
     --direct) DIRECT=1; shift ;;
     --job) need_value "$@"; JOB=$2; shift 2 ;;
     --restart) RESTART=1; shift ;;
@@ -265,7 +266,11 @@ EOF
     on_all "$NAME" "echo \"== \$(hostname)\"; tail -n $LINES $REMOTE_DIR/logs/$JOB.\$(hostname).log"
     ;;
   check)
-    x "${QR[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state.state)'
+    if [[ $DIRECT == 1 ]]; then
+      x "${VM[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state)'
+    else
+      x "${QR[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state.state)'
+    fi
     on_all "$NAME" "p=\$(cat $REMOTE_DIR/logs/$JOB.pid 2>/dev/null); if [ -n \"\$p\" ] && kill -0 \"\$p\" 2>/dev/null; then s=running; else s=stopped; fi; echo \"\$(hostname): $JOB \$s; TPU held by: \$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | tr '\\n' ' ')\""
     ;;
   ssh)

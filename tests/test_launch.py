@@ -154,6 +154,8 @@ def test_ssh_logs_check():
     out = dry("check", "--name", "pod", "--zone", "z")
     assert out[0] == "gcloud compute tpus queued-resources describe pod --zone=z '--format=value(state.state)'"
     assert out[1].startswith(f"{SSH} pod --zone=z --worker=all --command ")
+    assert dry("check", "--name", "pod", "--zone", "z", "--direct")[0] == (
+        "gcloud compute tpus tpu-vm describe pod --zone=z '--format=value(state)'")
 
 
 SWEEP_RUNS = [  # configs/sweeps/sft_lr.py, as `alignjax sweep --print-commands` expands it
@@ -277,6 +279,8 @@ def test_stop_line_terminates_the_job_group(tmp_path):
     (["create", "--name", "pod", "--zone", "z", "--accelerator-type", "v6e-3"],
      "--accelerator-type v6e-3: unknown Cloud TPU type"),
     (["create", "--name", "pod", "--zone", "z"], "create: --accelerator-type is required"),
+    (["create", "--name", "pod", "--zone", "z", "--accelerator-type", "v5p-8", "--spot", "--reserved"],
+     "give one of --spot and --reserved"),
     (["launch", "--name", "pod", "--zone", "z"], "unknown verb 'launch'"),
     ([], "give a verb"),
     (["run", "--name", "pod", "--zone", "z"], "run: give the command after --"),
