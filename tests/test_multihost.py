@@ -2,7 +2,8 @@
 
 The 2-process test starts two `alignjax train` processes with 4 CPU devices each, joined through
 jax.distributed on localhost (CPU collectives: gloo), and checks them against one process with 8
-devices: the same losses, and a 2-process checkpoint that resumes in 2 processes exactly.
+devices: the same losses, a 2-process checkpoint that resumes in 2 processes exactly, and the
+same HF export from 2 processes as from 1.
 The data of a step does not depend on the process count (alignjax.data.pipeline.shard_records);
 with data.packing=pad it is the same rows, so the losses agree to float rounding.
 """
@@ -109,9 +110,9 @@ FAST = ["train.steps=4", "train.log_every=1", "train.eval_every=0", "checkpoint.
 TIMEOUT_S = 900  # a hang (e.g. one process waiting in a collective for a dead peer) is a failure
 
 
-def _train_cmd(workdir, extra=()):
-    return [sys.executable, "-m", "alignjax.cli", "train", "--config", "configs/sft.py:tiny",
-            "--workdir", str(workdir)] + [f"--config.{o}" for o in FAST] + list(extra)
+def _train_args(workdir):
+    return ["train", "--config", "configs/sft.py:tiny", "--workdir", str(workdir)] + [
+        f"--config.{o}" for o in FAST]
 
 
 def _env(devices: int, extra=None):
@@ -119,15 +120,16 @@ def _env(devices: int, extra=None):
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra or {})}
 
 
-def _run_processes(workdir, n: int, env_extra=None) -> list[subprocess.CompletedProcess]:
-    """n processes with 8/n CPU devices each; all are killed if any is still running at the timeout."""
+def _run_processes(args, n: int, env_extra=None) -> list[subprocess.CompletedProcess]:
+    """`alignjax ARGS` in n processes with 8/n CPU devices each; all are killed at the timeout."""
+    base = [sys.executable, "-m", "alignjax.cli", *args]
     if n == 1:
-        return [subprocess.run(_train_cmd(workdir), cwd=ROOT, env=_env(8, env_extra),
-                               capture_output=True, text=True, timeout=TIMEOUT_S)]
+        return [subprocess.run(base, cwd=ROOT, env=_env(8, env_extra), capture_output=True,
+                               text=True, timeout=TIMEOUT_S)]
     port = _free_port()
     procs = [subprocess.Popen(
-        _train_cmd(workdir, ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
-                             "--process-id", str(i), "--init-timeout", "120"]),
+        base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+                "--process-id", str(i), "--init-timeout", "120"],
         cwd=ROOT, env=_env(8 // n, env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(n)]
     out = []
@@ -149,20 +151,31 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_exactly(tmp_path):
-    one = _run_processes(tmp_path / "one", 1)
+    one = _run_processes(_train_args(tmp_path / "one"), 1)
     assert one[0].returncode == 0, one[0].stderr[-3000:]
     ref = _losses(tmp_path / "one")
     assert sorted(ref) == [1, 2, 3, 4]
 
     # Two processes, "preempted" right after the step-2 checkpoint, then restarted in two processes.
     two = tmp_path / "two"
-    first = _run_processes(two, 2, {"ALIGNJAX_KILL_AFTER_STEP": "2"})
+    first = _run_processes(_train_args(two), 2, {"ALIGNJAX_KILL_AFTER_STEP": "2"})
     assert [r.returncode for r in first] == [3, 3], [r.stderr[-3000:] for r in first]
     assert sorted(_losses(two)) == [1, 2]
-    second = _run_processes(two, 2)
+    second = _run_processes(_train_args(two), 2)
     assert [r.returncode for r in second] == [0, 0], [r.stderr[-3000:] for r in second]
     assert "resuming" in second[0].stdout
     got = _losses(two)
     assert sorted(got) == [1, 2, 3, 4]  # only process 0 writes metrics.jsonl: no duplicate rows
     for step in ref:
         np.testing.assert_allclose(got[step], ref[step], atol=1e-6, rtol=0, err_msg=f"step {step}")
+
+    # HF export of that checkpoint from 2 processes (parameters gathered to process 0, which
+    # alone writes) equals the export from 1 process, byte for byte.
+    for n in (1, 2):
+        done = _run_processes(["convert", "alignjax-to-hf", "--ckpt", str(two), "--out",
+                               str(tmp_path / f"hf{n}")], n)
+        assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
+    files = sorted(os.listdir(tmp_path / "hf1"))
+    assert "model.safetensors.index.json" in files and sorted(os.listdir(tmp_path / "hf2")) == files
+    for name in files:
+        assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf1" / name).read_bytes(), name
