@@ -216,8 +216,9 @@ def test_toy_judge_training_records_hold_out_the_evaluation_prompts():
     records = toy_judge.sft_records(30, "vanilla")
     held_out = {p["prompt"] for p in toy_judge.judge_pairs(100, seed=0)}
     t = J.TEMPLATES["vanilla"]
-    assert [r["completion"] for r in records] == ["A", "B"] * 15
+    assert [r["messages"][1]["content"] for r in records] == ["A", "B"] * 15
     for r in records:
-        assert r["prompt"].startswith(t.prompt.split("{instruction}")[0])
-        instruction = r["prompt"].split("# Instruction\n")[1].split("\n")[0]
+        user = r["messages"][0]["content"]
+        assert r["messages"][0]["role"] == "user" and user.startswith(t.prompt.split("{instruction}")[0])
+        instruction = user.split("# Instruction\n")[1].split("\n")[0]
         assert instruction not in held_out

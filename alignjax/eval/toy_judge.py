@@ -68,14 +68,16 @@ def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS,
 
 
 def sft_records(n: int, template: str = "vanilla", seed: int = 1, subsets=("natural",)) -> list[dict]:
-    """Judge training data: {prompt: the template's judge prompt, completion: the gold label},
+    """Judge training data: a user turn with the template's judge prompt, answered by the gold
+    label (chat `messages` records, so training sees the chat template the judge is read with),
     from `n` pairs per subset whose prompts avoid the evaluation pairs' (seed 0) prompts."""
     from alignjax.eval.judge import get_template
     t = get_template(template)
     held_out = {p["prompt"] for p in judge_pairs(100, seed=0)}
     pairs = judge_pairs(n, seed=seed, subsets=subsets, exclude=held_out)
-    return [{"prompt": t.render(p["prompt"], p["output_a"], p["output_b"]), "completion": p["label"]}
-            for p in pairs]
+    # messages: the trainer renders the chat template, as the judge reads its prompts
+    return [{"messages": [{"role": "user", "content": t.render(p["prompt"], p["output_a"], p["output_b"])},
+                          {"role": "assistant", "content": p["label"]}]} for p in pairs]
 
 
 def main(argv=None) -> None:
