@@ -11,7 +11,11 @@ does not restore (a file lost or cut short) while an older one does is moved asi
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
+import logging
 import os
 import sys
 import time
@@ -56,6 +60,37 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}"
 
 
+def _drop_abandoned_reads(unraisable, previous=sys.unraisablehook):
+    """sys.unraisablehook that drops the 'Exception ignored' reports of orbax array reads a
+    failed restore abandoned (they are finalised whenever the garbage collector gets to them)."""
+    if getattr(unraisable.object, "__name__", "") != "_read_array_index_and_device_put":
+        previous(unraisable)
+
+
+@contextlib.contextmanager
+def _quiet_if_failing():
+    """Runs a restore attempt with stderr captured: on success the capture is replayed, on failure
+    it is dropped. A failed orbax restore leaves its other array reads running; they end in
+    hundreds of lines of 'Event loop is closed' / 'Exception ignored in coroutine' noise, while
+    the one line that matters is the reason we report ourselves."""
+    captured, real_stderr = io.StringIO(), sys.stderr
+    sys.stderr = captured
+    try:
+        yield
+    except BaseException:
+        # From here on, the abandoned reads' late reports ('Exception ignored', asyncio's 'Task
+        # exception was never retrieved') are dropped too: the failure was reported already.
+        sys.unraisablehook = _drop_abandoned_reads
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        gc.collect()
+        time.sleep(0.2)  # let the I/O threads meet their closed event loop while captured
+        raise
+    else:
+        real_stderr.write(captured.getvalue())
+    finally:
+        sys.stderr = real_stderr
+
+
 class Checkpointer:
     def __init__(self, workdir: str, every: int, keep: int = 3, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -79,7 +114,8 @@ class Checkpointer:
         failed = []
         for step in steps:
             try:
-                out = restore_fn(step)
+                with _quiet_if_failing():
+                    out = restore_fn(step)
             except Exception as e:  # orbax/tensorstore raise many types for a lost or cut file
                 failed.append((step, _reason(e)))
                 continue

@@ -176,6 +176,23 @@ def test_load_and_generate_fall_back_and_all_damaged_is_one_line(run_dir, tmp_pa
     assert sorted(os.listdir(w / "checkpoints")) == left  # nothing moved when none restores
 
 
+@pytest.mark.slow
+def test_damaged_checkpoint_fallback_prints_one_line_in_a_real_process(run_dir, tmp_path):
+    """A failed orbax restore abandons its other array reads; in a real process they used to end
+    in hundreds of lines of asyncio tracebacks after our one line."""
+    w = _copy(run_dir, tmp_path)
+    data = w / "checkpoints" / "40" / "state" / "ocdbt.process_0" / "d"
+    for f in os.listdir(data):
+        with open(data / f, "r+b") as fh:  # cut short, not deleted
+            fh.truncate(7)
+    out = subprocess.run([sys.executable, "-m", "alignjax.cli", "generate", "--model", str(w),
+                          "--prompt", "hi", "--max-new-tokens", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "checkpoint 40" in lines[0] and "used checkpoint 20" in lines[0], lines[:5]
+
+
 # ---- only a saved step pins the workdir's config -----------------------------------------------
 
 @pytest.mark.slow
