@@ -94,6 +94,19 @@ def test_cli_unreachable_coordinator_times_out_with_a_message(capsys):
                           "(--coordinator) did not answer within --init-timeout 1 s") and err.count("\n") == 1
 
 
+def test_process_zero_alone_gives_up_after_the_timeout(tmp_path):
+    """Process 0 hosts the coordinator; when the others never come it must stop, not hang. jax ends
+    the process itself (a fatal error from its runtime, not an exception), after our line."""
+    port = _free_port()
+    p = subprocess.run([sys.executable, "-m", "alignjax.cli", "train", "--config", "configs/sft.py:tiny",
+                        "--workdir", str(tmp_path / "wd"), "--coordinator", f"127.0.0.1:{port}",
+                        "--num-processes", "2", "--process-id", "0", "--init-timeout", "2"],
+                       cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert p.stderr.startswith(f"multi-host: process 0 of 2, coordinator at 127.0.0.1:{port}; "
+                               "waiting up to 2 s (--init-timeout) for the other processes\n")
+
+
 def test_mesh_product_error_names_mesh_flag_and_keys():
     from alignjax.sharding import ShardingError, mesh_shape
     with pytest.raises(ShardingError) as e:
