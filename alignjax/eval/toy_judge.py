@@ -9,7 +9,8 @@ correct output is the checker's exact answer and the other one fails the checker
            prompt's surface form, e.g. the unsorted list for a sort).
 - fluent:  the wrong output is a near miss in a polite full sentence, the right one is bare.
 
-Positions are balanced: in each subset the correct output is A for even and B for odd indices.
+Positions are balanced: within each subset and task the correct output alternates between A and
+B (from a random start), so neither the position nor the task predicts the label.
 The prompts are the toy held-out split's (the ones `data.eval="toy"` uses), unless `seed` says
 otherwise; use another seed for judge training data.
 """
@@ -51,13 +52,19 @@ def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS,
     out = []
     for subset in subsets:
         rows = []
+        # The right answer's position alternates per task from a random start: with one global
+        # alternation over round-robin tasks, each task would always have the same label (a
+        # shortcut a judge learns: verdict from the task alone).
+        start = {t: int(rng.integers(2)) for t in toy.TASKS}
+        seen = {t: 0 for t in toy.TASKS}
         for e in examples:
             if len(rows) == n_per_subset:
                 break
             wrong = _wrong(subset, e, rng)
             if wrong is None:
                 continue
-            right_first = len(rows) % 2 == 0
+            right_first = (seen[e.task] + start[e.task]) % 2 == 0
+            seen[e.task] += 1
             a, b = (e.answer, wrong) if right_first else (wrong, e.answer)
             rows.append(dict(prompt=e.prompt, output_a=a, output_b=b,
                              label="A" if right_first else "B", subset=subset, task=e.task))
