@@ -15,6 +15,7 @@ decoding and pure-temperature sampling sort nothing; top-k costs a `lax.top_k`, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Sequence
@@ -27,7 +28,7 @@ from jax.sharding import Mesh
 
 from alignjax import sharding as shd
 from alignjax.errors import UserError
-from alignjax.model.llama import CACHE_AXES, Llama, init_cache, project_logits
+from alignjax.model.llama import CACHE_AXES, Llama, init_cache, project_logits, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ def sample_token(rng, logits_bv, temperature, top_k: int, top_p):
 
     temperature == 0 is greedy (argmax, logp under the raw logits). `top_k` is a static int.
     """
+    return _sample_token(rng, logits_bv, temperature, int(top_k), top_p)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))  # jitted: called eagerly, lax.cond would retrace
+def _sample_token(rng, logits_bv, temperature, top_k: int, top_p):
     logits_bv = logits_bv.astype(jnp.float32)
 
     def greedy(l_bv):
@@ -112,6 +118,9 @@ def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature
               blocked_ids: tuple = ()):
     b, p = prompt_bp.shape
     n = max_new_tokens
+    # Per-layer weights, sliced once per call: the decode loop then reads them in place.
+    params = unstack_layers(params, module.config.num_hidden_layers)
+    module = module.clone(scan_layers=False)
     cache = init_cache(module.config, b, p + n, cache_dtype)
     cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
     mask = prompt_mask_bp.astype(jnp.int32)

@@ -260,6 +260,9 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     head: str = "lm"
+    # False: one module per layer with params "layers_0", "layers_1", ... (see unstack_layers).
+    # The decode loop uses it: a scanned layer copies its weights out of the stack at every token.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: Optional[dict] = None,
@@ -291,8 +294,14 @@ class Llama(nn.Module):
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        (x_bte, new_kv, _), _ = stack(c, name="layers")(
-            (x_bte, cache_kv, jnp.zeros((), jnp.int32)), cos, sin, mask, index, segment_ids_bt)
+        if self.scan_layers:
+            (x_bte, new_kv, _), _ = stack(c, name="layers")(
+                (x_bte, cache_kv, jnp.zeros((), jnp.int32)), cos, sin, mask, index, segment_ids_bt)
+        else:
+            carry = (x_bte, cache_kv, 0)
+            for i in range(c.num_hidden_layers):
+                carry, _ = layer(c, name=f"layers_{i}")(carry, cos, sin, mask, index, segment_ids_bt)
+            x_bte, new_kv, _ = carry
 
         new_cache = None
         if cache is not None:
@@ -325,3 +334,13 @@ def project_logits(params: dict, config: LlamaConfig, x_bte):
     """What the LM head computes from `output="hidden"` states (e.g. only the last prompt position)."""
     dtype = _dtype(config.dtype)
     return jnp.dot(x_bte.astype(dtype), head_kernel(params, config).astype(dtype))
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Stacked "layers" params -> "layers_0".."layers_{n-1}", for `Llama(scan_layers=False)`."""
+    if "params" in params:
+        return {**params, "params": unstack_layers(params["params"], num_layers)}
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x: x[i], params["layers"])
+    return out
