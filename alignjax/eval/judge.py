@@ -295,8 +295,8 @@ def label_logps(model, prompt_ids: Sequence[Sequence[int]], label_ids, batch_siz
     if longest > limit:
         i = max(range(len(prompt_ids)), key=lambda k: len(prompt_ids[k]))
         raise UserError(f"--judge: judge prompt {i} has {longest} tokens, more than the judge's "
-                        f"max_position_embeddings {limit}; shorten the outputs (--max-new-tokens) "
-                        "or use a judge with a longer context")
+                        f"max_position_embeddings {limit}; shorten the outputs, use a shorter "
+                        "--template (vanilla is the shortest) or a judge with a longer context")
     dp = shd.axis_size(model.mesh, dict(model.rules).get("batch"))
     rows = -(-min(batch_size, len(prompt_ids)) // dp) * dp
     length = min(_bucket(longest), limit)
