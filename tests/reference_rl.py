@@ -148,3 +148,72 @@ def reinforce_pp(scores, kl_bt, mask, beta, g=None):
 
 def overlong(n, max_len, buf, factor):
     return -min(max(n - (max_len - buf), 0), buf) / buf * factor
+
+
+# ---- PPO composed (section 6, steps 3-6), as alignjax.train.ppo runs it ------------------------
+
+def shape_scores(scores, has_eos, clip=None, penalty=None, eos_score=None):
+    out = []
+    for s, e in zip(np.asarray(scores, np.float64), has_eos):
+        if clip is not None:
+            s = min(max(s, -clip), clip)
+        if not e:
+            if eos_score is not None:
+                s = eos_score
+            elif penalty is not None:
+                s = s - penalty
+        out.append(s)
+    return np.array(out)
+
+
+def ppo_advantages(scores, has_eos, logp, refl, values, mask, kl_coef, estimator="k1",
+                   kl_in="reward", gamma=1.0, lam=0.95, whiten_rewards=False, whiten_adv=True,
+                   clip=None, penalty=None, eos_score=None):
+    """(advantages, returns, token rewards, shaped scores, per-token KL) of one rollout."""
+    s = shape_scores(scores, has_eos, clip, penalty, eos_score)
+    k = kl(logp, refl, estimator) * (mask > 0)
+    r = token_rewards(s, k, mask, kl_coef if kl_in == "reward" else 0.0)
+    if whiten_rewards:
+        r = whiten(r, mask, shift_mean=False)
+    adv, ret = gae(r, np.asarray(values, np.float64), mask, gamma, lam)
+    if whiten_adv:
+        adv = whiten(adv, mask)
+    return adv, ret, r, s, k
+
+
+def log_softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def ppo_update_sums(logits, targets, v_new, old, v_old, adv, ret, mask, temperature, eps, vf_clip,
+                    vf_coef, ent_coef=0.0, dual_clip=None, refl=None, kl_coef_rows=None,
+                    estimator="k1"):
+    """Objective and metric sums of one PPO minibatch, summed over the masked tokens.
+
+    `logits` [R, N, V] are the policy's logits at the positions that predict `targets`."""
+    logp_all = log_softmax(np.asarray(logits, np.float64) / temperature)
+    logp = np.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
+    entropy = -(np.exp(logp_all) * logp_all).sum(-1)
+    pg, clipped, approx = ppo_policy_loss(logp, old, adv, eps, dual_clip)
+    vf = ppo_value_loss(v_new, v_old, ret, vf_clip)
+    vc = np.clip(v_new, v_old - vf_clip, v_old + vf_clip)
+    vf_clipped = ((vc - ret) ** 2 > (v_new - ret) ** 2).astype(float)
+    rho = np.exp(logp - old)
+    per_token = pg + vf_coef * vf - ent_coef * entropy
+    k = np.zeros_like(pg)
+    if refl is not None:
+        k = kl(logp, refl, estimator)
+        per_token = per_token + np.asarray(kl_coef_rows)[:, None] * k
+    m = mask > 0
+
+    def total(x):
+        return float(np.sum(np.where(m, x, 0.0)))
+
+    sums = {"loss/policy_avg": total(pg), "loss/value_avg": total(vf),
+            "policy/approxkl_avg": total(approx), "policy/clipfrac_avg": total(clipped),
+            "policy/entropy_avg": total(entropy), "val/clipfrac_avg": total(vf_clipped),
+            "val/ratio": total(rho), "val/ratio_sq": total(rho ** 2), "val/vpred": total(v_new),
+            "loss/kl_avg": total(k), "count": float(m.sum())}
+    return total(per_token), sums
