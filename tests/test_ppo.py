@@ -161,11 +161,12 @@ def test_sums_fn_equals_numpy(models, kw):
 
 # ---- settings -----------------------------------------------------------------------------------
 
-def _config(**ppo_kw):
+def _config(batch_size=64, **ppo_kw):
     c = ConfigDict()
-    c.train = ConfigDict(dict(grad_accum_steps=1, seed=0))
+    c.train = ConfigDict(dict(batch_size=batch_size, grad_accum_steps=1, seed=0))
+    c.data = ConfigDict(dict(train="toy"))
     c.ppo = ConfigDict({f.name: f.default for f in dataclasses.fields(ppo.PPOSettings)
-                        if f.name not in ("grad_accum_steps", "seed")})
+                        if f.name not in ppo.SHARED_KEYS})
     for k in ("dual_clip", "kl_target", "reward_clip", "missing_eos_penalty"):
         c.ppo[k] = 0.0
     c.ppo.update(ppo_kw)
@@ -173,13 +174,18 @@ def _config(**ppo_kw):
 
 
 def test_settings_defaults_parse():
-    s = ppo.settings_from_config(_config())
-    assert s.dual_clip is None and s.kl_target is None and s.rows == 64
+    s = ppo.settings_from_config(_config(batch_size=32, samples_per_prompt=4))
+    assert s.dual_clip is None and s.kl_target is None and s.rows == 32 and s.prompts_per_step == 8
+    assert s.prompts == "toy"
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(prompts_per_step=6, num_minibatches=4),
-     r"^ppo.num_minibatches=4: a rollout batch of 6 responses .* does not divide into 4 minibatches$"),
+    (dict(batch_size=6, num_minibatches=4),
+     r"^ppo.num_minibatches=4: a rollout batch of 6 responses \(train.batch_size\) does not divide "
+     r"into 4 minibatches$"),
+    (dict(batch_size=6, samples_per_prompt=4),
+     r"^train.batch_size=6: PPO's batch is the responses of one rollout; make it a multiple of "
+     r"ppo.samples_per_prompt=4$"),
     (dict(kl_estimator="k4"), r"^ppo.kl_estimator='k4': choose one of k1, k2, k3$"),
     (dict(kl_in="both"), r"^ppo.kl_in='both': choose one of reward, loss$"),
     (dict(dual_clip=0.5), r"^ppo.dual_clip=0.5: must be > 1"),
@@ -196,7 +202,7 @@ def test_settings_unknown_key_and_accumulation():
     c.ppo.cliprange = 0.2
     with pytest.raises(ConfigError, match=r"^ppo.cliprange: unknown PPO setting"):
         ppo.settings_from_config(c)
-    c = _config(prompts_per_step=8, num_minibatches=2)
+    c = _config(batch_size=8, num_minibatches=2)
     c.train.grad_accum_steps = 3
     with pytest.raises(ConfigError, match=r"^train.grad_accum_steps=3: a minibatch of 4 responses"):
         ppo.settings_from_config(c)

@@ -10,7 +10,10 @@ jitted updates over shuffled minibatches of it (the loop splits the batch; see r
                                          vf_coef, entropy bonus, KL loss term; TRL's metric names
     KLController                         fixed or adaptive KL coefficient, host state (checkpointed)
 
-Settings are `ppo.*` keys parsed once into `PPOSettings` (one-line ConfigError naming the key).
+Settings are `ppo.*` keys parsed once into `PPOSettings` (one-line ConfigError naming the key);
+the shared keys keep their meaning: train.batch_size = responses per rollout (prompts per step x
+ppo.samples_per_prompt), train.grad_accum_steps = micro-batches per minibatch, data.train = the
+prompts (toy, or records with a string "prompt" field).
 Defaults are TRL's PPO (lambda 0.95, value clip 0.2, vf_coef 0.1, 4 epochs, kl_coef 0.05,
 temperature 0.7) except where ALGORITHMS.md says otherwise.
 """
@@ -42,8 +45,6 @@ class PPOSettings:
     # rollout
     reward: str = "toy"                  # rewards.py spec: toy | RM dir | python:f.py:fn | sums
     reward_normalize: bool = False       # (r - mean) / std with the RM's stored reward_stats
-    prompts: str = "toy"                 # prompt source: toy, or data with a string "prompt" field
-    prompts_per_step: int = 64
     samples_per_prompt: int = 1
     max_prompt_len: int = 128
     max_new_tokens: int = 53
@@ -53,7 +54,6 @@ class PPOSettings:
     # update
     epochs: int = 4
     num_minibatches: int = 1
-    grad_accum_steps: int = 1            # train.grad_accum_steps: micro-batches per minibatch
     clip_eps: float = 0.2
     dual_clip: Optional[float] = None    # c > 1: negative-advantage loss capped at -c A
     vf_clip: float = 0.2
@@ -76,16 +76,25 @@ class PPOSettings:
     # models
     value_init: str = "auto"             # auto | reward | policy (zero-initialised scalar head)
     ref_dtype: str = "float32"
-    seed: int = 0
+    # from the shared keys, not ppo.*:
+    rows: int = 64                       # train.batch_size: responses per rollout (loop step)
+    grad_accum_steps: int = 1            # train.grad_accum_steps: micro-batches per minibatch
+    seed: int = 0                        # train.seed
+    prompts: str = "toy"                 # data.train: toy, or data with a string "prompt" field
 
     @property
-    def rows(self) -> int:
-        return self.prompts_per_step * self.samples_per_prompt
+    def prompts_per_step(self) -> int:
+        return self.rows // self.samples_per_prompt
 
     @property
     def rollout(self) -> RolloutSettings:
         return RolloutSettings(self.max_prompt_len, self.max_new_tokens, self.samples_per_prompt,
                                self.temperature, self.top_p, self.top_k)
+
+
+# PPOSettings fields read from the keys every algorithm has.
+SHARED_KEYS = {"rows": ("train", "batch_size"), "grad_accum_steps": ("train", "grad_accum_steps"),
+               "seed": ("train", "seed"), "prompts": ("data", "train")}
 
 
 def _off(v):
@@ -95,10 +104,10 @@ def _off(v):
 
 
 def settings_from_config(config) -> PPOSettings:
-    """`config.ppo` (+ train.grad_accum_steps, train.seed) -> PPOSettings, validated; a ConfigError
-    names the first bad key."""
+    """`config.ppo` (+ train.batch_size, train.grad_accum_steps, train.seed, data.train) ->
+    PPOSettings, validated; a ConfigError names the first bad key."""
     p = config.ppo
-    known = {f.name for f in dataclasses.fields(PPOSettings)} - {"grad_accum_steps", "seed"}
+    known = {f.name for f in dataclasses.fields(PPOSettings)} - set(SHARED_KEYS)
     unknown = sorted(set(p.keys()) - known)
     if unknown:
         raise ConfigError(f"ppo.{unknown[0]}: unknown PPO setting; known: {', '.join(sorted(known))}")
@@ -108,8 +117,8 @@ def settings_from_config(config) -> PPOSettings:
             kw[k] = _off(kw[k])
     if kw.get("missing_eos_score") is not None:
         kw["missing_eos_score"] = float(kw["missing_eos_score"])
-    s = PPOSettings(**kw, grad_accum_steps=int(config.train.get("grad_accum_steps", 1)),
-                    seed=int(config.train.get("seed", 0)))
+    shared = {k: config[section][key] for k, (section, key) in SHARED_KEYS.items()}
+    s = PPOSettings(**kw, **shared)
     _check(s)
     return s
 
@@ -118,10 +127,13 @@ def _check(s: PPOSettings) -> None:
     def bad(key, msg):
         raise ConfigError(f"ppo.{key}={getattr(s, key)!r}: {msg}")
 
-    for key in ("prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens",
-                "epochs", "num_minibatches"):
+    for key in ("samples_per_prompt", "max_prompt_len", "max_new_tokens", "epochs",
+                "num_minibatches"):
         if int(getattr(s, key)) < 1:
             bad(key, "must be >= 1")
+    if s.rows < 1 or s.rows % s.samples_per_prompt:
+        raise ConfigError(f"train.batch_size={s.rows}: PPO's batch is the responses of one rollout; "
+                          f"make it a multiple of ppo.samples_per_prompt={s.samples_per_prompt}")
     if s.temperature < 0:
         bad("temperature", "must be >= 0 (0 = greedy)")
     if not 0 < s.top_p <= 1:
@@ -160,9 +172,8 @@ def _check(s: PPOSettings) -> None:
     if s.grad_accum_steps < 1:
         raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: must be >= 1")
     if s.rows % s.num_minibatches:
-        bad("num_minibatches", f"a rollout batch of {s.rows} responses (ppo.prompts_per_step "
-            f"{s.prompts_per_step} x ppo.samples_per_prompt {s.samples_per_prompt}) does not divide "
-            f"into {s.num_minibatches} minibatches")
+        bad("num_minibatches", f"a rollout batch of {s.rows} responses (train.batch_size) does "
+            f"not divide into {s.num_minibatches} minibatches")
     mb = s.rows // s.num_minibatches
     if mb % s.grad_accum_steps:
         raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: a minibatch of {mb} "
