@@ -104,24 +104,10 @@ def _pair(prompt, texts, rewards_n, w, l) -> dict:
 # ---- rewards and prompts ----------------------------------------------------------------------
 
 def reward_function(spec: str, mesh=None, max_length: int = 1024) -> Callable:
-    """`toy` (the toy checker, 0/1) or a reward-model path -> fn(prompts, responses) -> [n]."""
-    if spec == "toy":
-        from alignjax.data import toy
-        return toy.reward_fn
-    from alignjax.data.tokenizer import load_tokenizer
-    from alignjax.model.store import load_model
-    from alignjax.train.reward import score_texts
-    if not os.path.exists(spec):
-        raise UserError(f"--reward {spec!r}: neither 'toy' nor an existing reward-model directory")
-    model = load_model(spec, mesh, head="scalar")
-    if model.tokenizer_dir is None:
-        raise UserError(f"--reward {spec}: no tokenizer stored with the reward model")
-    tok = load_tokenizer(model.tokenizer_dir)
-
-    def score(prompts, responses, chunk=256):
-        return np.concatenate([score_texts(model, tok, prompts[i:i + chunk], responses[i:i + chunk],
-                                           seq_len=max_length) for i in range(0, len(prompts), chunk)])
-    return score
+    """fn(prompts, responses) -> float32 [n] for a reward spec (alignjax.rewards: toy, a
+    reward-model directory, python:FILE.py:FUNCTION, or a weighted sum of them)."""
+    from alignjax.rewards import build_reward
+    return build_reward(spec, mesh=mesh, seq_len=max_length, what="--reward")
 
 
 def read_prompts(spec: str, limit: int = 0) -> list[str]:
