@@ -61,7 +61,9 @@ def get_config(preset: str | None = None):
                        warmup_steps=0, min_lr_ratio=0.0, grad_clip=1.0)
     c.value_optimizer = c.optimizer.copy_and_resolve_references()
     c.value_optimizer.lr = 9e-6  # OpenRLHF's critic learning rate
-    c.train.update(eval_every=0, eval_batches=0)
+    # PPO has no eval split yet: every train.eval_every steps a few rollout samples go to
+    # WORKDIR/samples/step_N.jsonl.
+    c.train.update(eval_every=50, eval_batches=0)
     if preset in ("tiny", "small"):
         # The toy suite: prompts are at most 34 tokens with the chat template, answers at most
         # 12 tokens + EOS. The checker is the reward; start from a short SFT run.
@@ -70,7 +72,7 @@ def get_config(preset: str | None = None):
         c.data.update(train="toy", seq_len=56)
         c.optimizer.update(lr=5e-5)
         c.value_optimizer.update(lr=2e-4)
-        c.train.update(steps=100, batch_size=64, log_every=5)
+        c.train.update(steps=100, batch_size=64, log_every=5, eval_every=25)
         c.checkpoint.every = 50
     else:
         # A real chat prompt set (a string "prompt" field); set model.init_from to the SFT model

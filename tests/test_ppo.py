@@ -216,3 +216,23 @@ def test_value_init_needs_a_reward_model():
         ppo.value_source(c, s)
     assert ppo.value_source(c, dataclasses.replace(s, value_init="auto")) == ("runs/sft", True)
     assert ppo.value_source(c, dataclasses.replace(s, reward="toy + 0.5*runs/rm")) == ("runs/rm", False)
+
+
+def test_update_is_the_same_on_different_meshes(models):
+    """sums and gradients of one minibatch on data=2/fsdp=2/tensor=2 and on 1 device."""
+    from alignjax.model.params import abstract_params
+    policy, value, params, _ = models
+    s = dataclasses.replace(ppo.PPOSettings(), dual_clip=3.0, ent_coef=0.01)
+    batch = _update_batch(policy.config.vocab_size, seed=3)
+    grad_fn = jax.value_and_grad(ppo.make_sums_fn(policy, value, s), has_aux=True)
+    host = jax.device_get(params)
+    out = []
+    for mesh in (shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                 shd.make_mesh({"data": 1}, jax.devices()[:1])):
+        placed = {k: jax.device_put(host[k], abstract_params(m, mesh)[1])
+                  for k, m in (("policy", policy), ("value", value))}
+        with shd.mesh_context(mesh):
+            out.append(jax.device_get(jax.jit(grad_fn)(placed, shd.shard_batch(batch, mesh), {})))
+    for other in out[1:]:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                               out[0], other)

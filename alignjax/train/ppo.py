@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from typing import Optional
 
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax.errors import UserError
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import sums_to_means
@@ -327,25 +329,34 @@ def abstract_batch(config, s: PPOSettings) -> dict:
 # ---- prompts (host state) -----------------------------------------------------------------------
 
 class PromptStream:
-    """Prompts in a seeded shuffled order, epoch after epoch; its position is checkpointed."""
+    """Prompts in a seeded shuffled order, epoch after epoch; its position is checkpointed.
 
-    def __init__(self, texts, ids, seed: int):
-        self.texts, self.ids, self.seed = list(texts), list(ids), int(seed)
+    Prompts are encoded when drawn (`encode`: texts -> token ids); one longer than `max_len`
+    stops the run with a one-line error naming its record in `source`."""
+
+    def __init__(self, texts, encode, seed: int, max_len: int, source: str = "data.train"):
+        self.texts, self.encode, self.seed = list(texts), encode, int(seed)
+        self.max_len, self.source = int(max_len), source
         self.epoch, self.position = 0, 0
 
     def _order(self):
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.texts))
 
     def take(self, n: int):
-        texts, ids = [], []
-        while len(texts) < n:
+        picked = []
+        while len(picked) < n:
             order = self._order()
-            i = order[self.position]
-            texts.append(self.texts[i])
-            ids.append(self.ids[i])
+            picked.append(int(order[self.position]))
             self.position += 1
             if self.position == len(order):
                 self.epoch, self.position = self.epoch + 1, 0
+        texts = [self.texts[i] for i in picked]
+        ids = self.encode(texts)
+        for i, row in zip(picked, ids):
+            if len(row) > self.max_len:
+                raise UserError(f"{self.source}: prompt {i} has {len(row)} tokens with the chat "
+                                f"template, more than ppo.max_prompt_len={self.max_len}; raise "
+                                "ppo.max_prompt_len or drop the longer prompts")
         return texts, ids
 
     def get_state(self) -> dict:
@@ -371,13 +382,32 @@ class HostState:
 
 # ---- the producer -------------------------------------------------------------------------------
 
+class SampleLog:
+    """A few prompt / response / score rows of a rollout -> WORKDIR/samples/step_N.jsonl, every
+    `every` steps (train.eval_every; 0 = never) and at step 1."""
+
+    def __init__(self, workdir: str, every: int, rows: int = 8):
+        self.workdir, self.every, self.rows = workdir, every, rows
+
+    def __call__(self, step: int, info: dict, scores) -> None:
+        import os
+        if not self.every or (step != 1 and step % self.every) or jax.process_index() != 0:
+            return
+        path = os.path.join(self.workdir, "samples", f"step_{step}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for p, c, r in list(zip(info["prompts"], info["completions"], scores))[:self.rows]:
+                f.write(json.dumps({"prompt": p, "response": c, "score": float(r)},
+                                   ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+
+
 class Producer:
     """(state, frozen, step, rng) -> (process-local update batch, rollout metrics)."""
 
-    def __init__(self, roller, settings: PPOSettings, host: HostState, updates_per_step: int):
-        self.roller, self.s, self.host = roller, settings, host
-        self.updates_per_step = updates_per_step
-        self.last_info: dict = {}
+    def __init__(self, roller, settings: PPOSettings, host: HostState,
+                 samples: Optional[SampleLog] = None):
+        self.roller, self.s, self.host, self.samples = roller, settings, host, samples
 
     def __call__(self, state, frozen, step: int, rng=None):
         s = self.s
@@ -397,7 +427,8 @@ class Producer:
                         time.perf_counter() - t0,
                         "rollout_tokens_per_s": info["rollout_tokens"] / max(roll_time, 1e-9),
                         "episode": float(step * s.rows)})
-        self.last_info = info
+        if self.samples is not None:
+            self.samples(int(step), info, adv["scores"])
         return update_batch(batch, adv, s, kl_coef), metrics
 
 
@@ -447,15 +478,29 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
     reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
                           normalize=s.reward_normalize, what="ppo.reward",
                           seq_len=s.max_prompt_len + s.max_new_tokens + 1)
-    texts = read_prompts(s.prompts)
-    ids = encode_chat_prompts(run.tokenizer, texts)
+    check_mesh(s, run.mesh, run.rules)
+    prompts = PromptStream(read_prompts(s.prompts), lambda t: encode_chat_prompts(run.tokenizer, t),
+                           s.seed, s.max_prompt_len)
     roller = Roller(modules["policy"], run.mesh, run.rules, run.tokenizer, s.rollout,
                     reward=reward, value_module=modules["value"], ref_module=modules["reference"])
-    host = HostState(KLController(s.kl_coef, s.kl_target, s.kl_horizon),
-                     PromptStream(texts, ids, s.seed))
+    host = HostState(KLController(s.kl_coef, s.kl_target, s.kl_horizon), prompts)
     sums_fn, mfn = sums(config, s, modules)
-    return Algorithm("ppo", sums_fn, mfn, producer=Producer(roller, s, host, s.epochs * s.num_minibatches),
+    samples = SampleLog(workdir, int(config.train.get("eval_every", 0) or 0))
+    return Algorithm("ppo", sums_fn, mfn, producer=Producer(roller, s, host, samples),
                      epochs=s.epochs, num_minibatches=s.num_minibatches, host_state=host)
+
+
+def check_mesh(s: PPOSettings, mesh, rules) -> None:
+    """Every micro-batch of an update must split over the mesh's batch axes."""
+    from alignjax import sharding as shd
+    n = shd.axis_size(mesh, dict(rules).get("batch"))
+    micro = s.rows // s.num_minibatches // s.grad_accum_steps
+    if micro % n:
+        raise ConfigError(
+            f"ppo.num_minibatches={s.num_minibatches}: a micro-batch of {micro} responses "
+            f"(train.batch_size {s.rows} / ppo.num_minibatches / train.grad_accum_steps "
+            f"{s.grad_accum_steps}) does not split over the {n} data-parallel devices; make it a "
+            f"multiple of {n}")
 
 
 def _spec():
