@@ -88,12 +88,12 @@ def _jax_train(config, algorithm, batch, seq_len, steps, mesh_sizes):
     """Seconds per optimizer step of alignjax's real jitted train step."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
-    from ml_collections import ConfigDict
     from alignjax import sharding as shd
     from alignjax.model.params import build_module, init_params
     from alignjax.train import dpo, sft
     from alignjax.train.loop import to_global
     from alignjax.train.optim import make_optimizer
+    from alignjax.train.slots import per_slot
     from alignjax.train.state import init_state, state_shardings
     from alignjax.train.step import make_train_step
 
@@ -103,25 +103,28 @@ def _jax_train(config, algorithm, batch, seq_len, steps, mesh_sizes):
         raise ConfigError(f"--batch {batch} is not a multiple of the mesh's data x fsdp = {shards} "
                           "devices; choose a multiple, or --mesh data=1 (fewer devices)")
     module = build_module(config)
-    optimizer, schedule = make_optimizer(_optimizer_config(), 1000)
-    _, shardings = state_shardings(module, optimizer, mesh)
+    tx, schedule = make_optimizer(_optimizer_config(), 1000)
+    optimizer = per_slot({"policy": tx})
+    _, shardings = state_shardings({"policy": module}, optimizer, mesh)
     params = init_params(module, jax.random.PRNGKey(0), mesh)
-    frozen = ()
+    frozen = {}
     if algorithm == "sft":
         sums_fn, metrics_fn = sft.make_sums_fn(module), sft.metrics
     else:
-        dpo_cfg = ConfigDict(dict(loss_type="dpo", beta=DPO_BETA))
-        sums_fn, metrics_fn = dpo.make_sums_fn(module, module, dpo_cfg, precomputed=False), dpo.metrics
-        frozen = (jax.tree_util.tree_map(lambda x: x.copy(), params),)  # colocated reference
-    state = init_state(params, optimizer, shardings, 0)
-    step_fn = jax.jit(make_train_step(sums_fn, metrics_fn, optimizer, schedule),
+        from alignjax.config import load_config
+        settings = dpo.settings(load_config("configs/dpo.py:tiny", [
+            "dpo.loss_type=dpo", f"dpo.beta={DPO_BETA}", "dpo.reference=colocated"]))
+        sums_fn, metrics_fn = dpo.make_sums_fn(module, module, settings), dpo.metrics
+        frozen = {"reference": jax.tree_util.tree_map(lambda x: x.copy(), params)}  # colocated
+    state = init_state({"policy": params}, optimizer, shardings, 0)
+    step_fn = jax.jit(make_train_step(sums_fn, metrics_fn, optimizer, {"policy": schedule}),
                       out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
     with shd.mesh_context(mesh):
         data = to_global(_train_batch(config, algorithm, batch, seq_len), mesh, shd.DEFAULT_RULES)
 
         def one():
             nonlocal state
-            state, metrics = step_fn(state, data, *frozen)
+            state, metrics = step_fn(state, data, frozen)
             jax.block_until_ready(metrics)
 
         return _timeit(one, steps)

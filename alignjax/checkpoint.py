@@ -2,7 +2,8 @@
 
     WORKDIR/checkpoints/<step>/state   params, optimizer state, step, RNG (sharded arrays)
                               /data    the grain iterator's position (one file per process)
-                              /meta    resolved config, tokens seen, reward statistics, ...
+                              /meta    resolved config, algorithm, state layout, ...
+                              /host    an online algorithm's host state (KL controller, ...)
 
 Resume is automatic: the trainer restores the latest step found in the workdir. A checkpoint that
 does not restore (a file lost or cut short) while an older one does is moved aside, renamed
@@ -26,9 +27,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from alignjax.errors import UserError
-
-ITEMS = ("state", "data", "meta")
-
 
 def has_checkpoint(workdir: str) -> bool:
     """Whether a training run in `workdir` saved any step: only then do its config and tokenizer
@@ -101,7 +99,8 @@ class Checkpointer:
             self.directory, options=options,
             item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                                data=grain.checkpoint.CheckpointHandler(),
-                               meta=ocp.JsonCheckpointHandler()))
+                               meta=ocp.JsonCheckpointHandler(),
+                               host=ocp.JsonCheckpointHandler()))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -140,34 +139,46 @@ class Checkpointer:
             os.rename(src, dst)
         return dst
 
-    def save(self, step: int, state: Any, data_iterator, meta: dict, force: bool = False) -> bool:
-        """Saves if `step` is on the save interval (or `force`); asynchronous when configured."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)), force=force)
+    def save(self, step: int, state: Any, data_iterator, meta: dict, force: bool = False,
+             host: Optional[dict] = None) -> bool:
+        """Saves if `step` is on the save interval (or `force`); asynchronous when configured.
+        `data_iterator` may be None (a producer without one); `host`: extra JSON state."""
+        items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if host is not None:
+            items["host"] = ocp.args.JsonSave(host)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state: Any, data_iterator) -> tuple[Any, dict]:
-        """Restores the state into the shardings of `abstract_state` and the iterator in place."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+    def restore(self, step: int, abstract_state: Any, data_iterator, host: bool = False):
+        """Restores the state into the shardings of `abstract_state` and the iterator in place:
+        (state, meta), or (state, meta, host state) with `host`."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if host:
+            items["host"] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return (out["state"], out["meta"]) + ((out["host"],) if host else ())
 
     def restore_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore_params(self, step: int, abstract_params: Any, key: str = "params") -> Any:
-        """Only the params (or another entry `key` of the state, e.g. "ref_params") of a training
-        checkpoint (for evaluation, export, init_from)."""
-        abstract = {key: abstract_params}
+    def restore_params(self, step: int, abstract_params: Any, key=("params",)) -> Any:
+        """Only one tree of a training checkpoint's state (for evaluation, export, init_from):
+        `key` is its path, e.g. ("params", "policy") or ("frozen", "reference")."""
+        key = (key,) if isinstance(key, str) else tuple(key)
+        abstract = abstract_params
+        for k in reversed(key):
+            abstract = {k: abstract}
         path = os.path.join(self.directory, str(step), "state")
         with ocp.PyTreeCheckpointer() as ckptr:
             out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
                 item=abstract, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
-        return out[key]
+        for k in key:
+            out = out[k]
+        return out
 
     def wait(self):
         self.manager.wait_until_finished()

@@ -107,27 +107,8 @@ def _config(args):
 
 
 def cmd_train(args):
+    from alignjax.train import run_training
     run_training(_config(args), args.workdir)
-
-
-def run_training(config, workdir: str) -> dict:
-    """Validate, record the resolved config, then run (or resume) the configured algorithm."""
-    import jax
-    from alignjax.config import check_resume_config, load_saved_config, save_config, validate_config
-    from alignjax.errors import require_writable_dir
-    require_writable_dir(workdir, "--workdir")
-    validate_config(config, jax.device_count())
-    from alignjax.checkpoint import has_checkpoint
-    if has_checkpoint(workdir):  # a run that never saved a step pins nothing
-        changed = check_resume_config(load_saved_config(workdir), config)
-        if changed:
-            print("resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
-    save_config(config, workdir)
-    from alignjax.train import ALGORITHMS
-    out = ALGORITHMS[config.algorithm](config, workdir)
-    shown = {k: round(v, 4) for k, v in out["metrics"].items() if isinstance(v, float)}
-    print(f"done: {workdir} (metrics.jsonl, tb/, checkpoints/) {json.dumps(shown)}")
-    return out
 
 
 def cmd_sweep(args):
@@ -144,14 +125,15 @@ def cmd_sweep(args):
     for i, (name, overrides) in enumerate(runs, 1):
         workdir = os.path.join(args.workdir, name)
         print(f"[{i}/{len(runs)}] {name} -> {workdir}")
+        from alignjax.train import run_training
         run_training(load_config(base, list(overrides) + list(args.overrides)), workdir)
 
 
 def cmd_compile(args):
     import jax
     from alignjax import aot
-    from alignjax.config import validate_config
     from alignjax.train.compile import compile_train_step
+    from alignjax.train.registry import validate_config
     config = _config(args)
     spec = aot.parse_topology(args.topology)
     validate_config(config, spec.chips)

@@ -13,8 +13,9 @@ when that fails. Unknown keys are errors that suggest the closest existing keys.
 config is locked, so a typo in code (``config.optimizer.lrr``) fails as well. Top-level sections
 cannot be replaced whole (that would silently drop their other keys); nested dict values can.
 
-Validation (``validate_sft_config``) runs before anything compiles and reports every problem at
-once, each naming its config key. Resuming: ``check_resume_config(load_saved_config(workdir),
+Validation (``validate_schema``: the keys every algorithm shares; each algorithm's own settings are
+checked by ``alignjax.train.registry.validate_config``) runs before anything compiles and reports
+every problem at once, each naming its config key. Resuming: ``check_resume_config(load_saved_config(workdir),
 config)`` refuses a changed architecture and returns the other changes for a warning.
 
 Sweep files (``configs/sweeps/*.py``) define either the grid sugar::
@@ -320,9 +321,8 @@ _BOOL = (lambda v: isinstance(v, bool), "must be True or False")
 _POSITIVE = (lambda v: _is_num(v) and v > 0, "must be a number > 0")
 _NON_NEGATIVE = (lambda v: _is_num(v) and v >= 0, "must be a number >= 0")
 _BETA = (lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
-# key -> (predicate, what to do); checked for every SFT config.
-_SFT_CHECKS = {
-    "algorithm": _one_of("sft", "reward", "dpo"),
+# key -> (predicate, what to do); checked for every config (every algorithm starts from sft.py).
+_CHECKS = {
     "model.dtype": _one_of(*DTYPES), "model.param_dtype": _one_of(*DTYPES),
     "model.remat_policy": _one_of(*REMAT_POLICIES), "model.attention_impl": _one_of("xla", "flash"),
     "data.train": (lambda v: isinstance(v, str) and v.strip() != "",
@@ -432,9 +432,10 @@ def _batch_errors(config: ConfigDict, mesh: dict, num_devices: int) -> list:
     return []
 
 
-def validate_sft_config(config: ConfigDict, num_devices: int) -> None:
-    """Checks an SFT config before anything compiles; one ConfigError lists every problem."""
-    errs = _table_errors(config, _SFT_CHECKS)
+def validate_schema(config: ConfigDict, num_devices: int, algorithms: Sequence[str]) -> None:
+    """Checks the keys every algorithm shares (`algorithm` must be one of `algorithms`) before
+    anything compiles; one ConfigError lists every problem."""
+    errs = _table_errors(config, {"algorithm": _one_of(*algorithms), **_CHECKS})
     mesh, mesh_errs = _mesh(config, num_devices)
     errs += mesh_errs
     if not _get(config, "model.init_from"):  # else the architecture comes from that directory
@@ -507,19 +508,3 @@ def expand_sweep(path: str) -> tuple[str, list[tuple[str, list[str]]]]:
 def load_config_module(path: str):
     """A config file as a module (config files build on each other: reward.py starts from sft.py)."""
     return _load_module(path, "config")
-
-
-def validate_config(config: ConfigDict, num_devices: int) -> None:
-    """Validation before any compile, for the config's algorithm (all share the SFT schema's core)."""
-    validate_sft_config(config, num_devices)
-    if config.algorithm == "dpo":
-        from alignjax.train.dpo import data_kind, hparams
-        data_kind(config.dpo.loss_type)
-        if config.dpo.reference not in ("colocated", "precomputed"):
-            raise ConfigError(f"dpo.reference={config.dpo.reference!r}: use 'colocated' or 'precomputed'")
-        try:
-            hparams(config.dpo)
-        except ValueError as e:
-            raise ConfigError(f"dpo: {e}") from None
-        from alignjax.train.dpo import refresh_settings
-        refresh_settings(config.dpo)

@@ -55,11 +55,11 @@ def _stage(name: str, config, workdir: str, reused: list, run_=None):
 
     Params are returned only when ``run_`` (the SFT Run, whose mesh and rules they go on) is given.
     """
-    from alignjax.cli import run_training
+    from alignjax.train import run_training
     metrics = _finished(workdir, config)
     if metrics is None:
         out = run_training(config, workdir)
-        return out["metrics"], out["state"]["params"]
+        return out["metrics"], out["state"]["params"]["policy"]
     reused.append(name)
     print(f"{name}: reusing the finished run in {workdir} ({int(config.train.steps)} steps; "
           f"delete it to train again)")
@@ -85,7 +85,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     run_ = build_run(config, sft_dir)
     print(f"model: {run_.model_config.num_params():,} parameters, vocab {len(run_.tokenizer)}, "
           f"mesh {dict(run_.mesh.shape)} over {jax.device_count()} devices")
-    before = toy_accuracy(run_.module, initial_params(config, run_.module, run_.mesh, run_.rules),
+    before = toy_accuracy(run_.module, initial_params(config, run_),
                           run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     print(f"checker accuracy before SFT (random weights): {before['accuracy']:.1%}")
     _, sft_params = _stage("SFT", config, sft_dir, reused, run_)

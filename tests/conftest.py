@@ -34,7 +34,7 @@ def sft_run(tmp_path_factory):
 
     Returns (workdir, final metrics); reward-model and DPO tests start from it.
     """
-    from alignjax.cli import run_training
+    from alignjax.train import run_training
     from alignjax.config import load_config
 
     reuse = os.environ.get("ALIGNJAX_TEST_SFT_WORKDIR")  # developers: skip the ~5 min SFT run

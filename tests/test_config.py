@@ -10,7 +10,8 @@ import textwrap
 import pytest
 
 from alignjax.config import (MISSING, check_resume_config, config_diff, expand_sweep, load_config,
-                             load_saved_config, save_config, validate_sft_config)
+                             load_saved_config, save_config)
+from alignjax.train.registry import validate_config
 from alignjax.errors import UserError
 from alignjax.model.config import ConfigError, LlamaConfig
 
@@ -26,7 +27,7 @@ def tiny(*overrides):
 
 def invalid(config, num_devices=8) -> str:
     with pytest.raises(ConfigError) as e:
-        validate_sft_config(config, num_devices)
+        validate_config(config, num_devices)
     return str(e.value)
 
 
@@ -41,7 +42,7 @@ def write(tmp_path, name, text):
 @pytest.mark.parametrize("preset", list(PRESET_DEVICES))
 def test_presets_load_and_validate(preset):
     config = load_config(f"{SFT}:{preset}")
-    validate_sft_config(config, PRESET_DEVICES[preset])
+    validate_config(config, PRESET_DEVICES[preset])
     model = {k: v for k, v in config.model.to_dict().items() if k != "init_from"}
     LlamaConfig(**model)  # the model fields are exactly what the Llama module takes
 
@@ -174,15 +175,15 @@ def test_grad_accum_divisibility():
     assert "train.grad_accum_steps=3" in invalid(tiny("train.grad_accum_steps=3"))
     msg = invalid(tiny("train.grad_accum_steps=8"))  # 32 / 8 = 4 rows over 8 data shards
     assert "micro-batch" in msg and "train.grad_accum_steps" in msg
-    validate_sft_config(tiny("train.grad_accum_steps=4"), 8)
-    validate_sft_config(tiny("train.grad_accum_steps=8"), 4)
+    validate_config(tiny("train.grad_accum_steps=4"), 8)
+    validate_config(tiny("train.grad_accum_steps=8"), 4)
 
 
 def test_seq_len_beyond_max_positions():
     msg = invalid(tiny("data.seq_len=512"))
     assert "data.seq_len=512" in msg and "model.max_position_embeddings=256" in msg
     # With init_from the architecture is unknown until the directory is read: no error here.
-    validate_sft_config(tiny("data.seq_len=512", "model.init_from=/models/x"), 8)
+    validate_config(tiny("data.seq_len=512", "model.init_from=/models/x"), 8)
 
 
 def test_enum_and_range_errors_are_collected():
@@ -205,7 +206,7 @@ def test_mesh_and_sharding_errors():
 
 def test_tokenizer_required_without_init_from():
     assert "tokenizer.path" in invalid(tiny("tokenizer.path="))
-    validate_sft_config(tiny("tokenizer.path=", "model.init_from=/models/x"), 8)
+    validate_config(tiny("tokenizer.path=", "model.init_from=/models/x"), 8)
 
 
 # ---- saved configs -----------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_save_load_round_trip(tmp_path):
     loaded = load_saved_config(str(tmp_path / "run"))
     assert config_diff(c, loaded) == {}  # tuples come back as lists; they compare equal
     assert loaded.train.batch_size == 32 and loaded.model.head_dim is None
-    validate_sft_config(loaded, 8)
+    validate_config(loaded, 8)
     with pytest.raises(AttributeError):
         loaded.train.typo = 1
     with pytest.raises(ConfigError, match="config.json"):
@@ -299,6 +300,6 @@ def test_shipped_lr_sweep_loads_and_validates():
     lrs = set()
     for _, overrides in runs:
         c = load_config(base, overrides)
-        validate_sft_config(c, 8)
+        validate_config(c, 8)
         lrs.add(c.optimizer.lr)
     assert len(lrs) == len(runs)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from alignjax.cli import main as cli_main, run_training
+from alignjax.cli import main as cli_main
 from alignjax.config import load_config
 from alignjax.model.store import load_model
+from alignjax.train import run_training
 
 
 def _train(spec, workdir, init_from, overrides=()):
@@ -125,6 +126,7 @@ def test_precomputed_reference_equals_colocated_and_frees_it(sft_run, tmp_path):
     from alignjax.train import dpo
     from alignjax.train.loop import to_global
     from alignjax.train.setup import build_run, initial_params
+    from alignjax.train.slots import SlotLoader, slot_module
 
     from alignjax.data import toy
     small = str(tmp_path / "pairs.jsonl")  # the precompute pass reads every record: keep it small
@@ -135,27 +137,35 @@ def test_precomputed_reference_equals_colocated_and_frees_it(sft_run, tmp_path):
                                                      f"dpo.reference={mode}", "data.eval=",
                                                      f"data.train={small}"])
         run = build_run(config, str(workdir))
+        settings = dpo.settings(config)
+        modules = {s.name: slot_module(run.model_config, s) for s in dpo.slots(config, settings)}
+        modules["policy"] = run.module
         before = {id(x) for x in jax.live_arrays()}
-        algo = dpo.build(config, str(workdir), run)
+        algo = dpo.build(config, str(workdir), run, settings, modules, SlotLoader(config, run, []))
         new_bytes = sum(x.nbytes for x in jax.live_arrays() if id(x) not in before)
-        return config, run, algo, new_bytes
+        return config, run, settings, algo, new_bytes
 
-    cfg, run, colocated, colocated_bytes = setup("colocated", tmp_path / "c")
-    _, _, precomputed, precomputed_bytes = setup("precomputed", tmp_path / "p")
+    cfg, run, settings, colocated, _ = setup("colocated", tmp_path / "c")
+    _, _, p_settings, precomputed, precomputed_bytes = setup("precomputed", tmp_path / "p")
     n_params = run.model_config.num_params()
-    assert precomputed.frozen == () and len(colocated.frozen) == 1
-    assert colocated_bytes >= 4 * n_params > precomputed_bytes  # float32 reference on device or not
-    params = initial_params(cfg, run.module, run.mesh, run.rules)
+    assert [s.name for s in dpo.slots(cfg, settings)] == ["policy", "reference"]
+    assert [s.name for s in dpo.slots(cfg, p_settings)] == ["policy"]  # the step reads no model
+    assert (tmp_path / "p" / "reference_logps_train_p0.npy").exists()
+    assert precomputed_bytes < 4 * n_params  # the float32 reference was read, then freed
+    ref_slot = dpo.slots(cfg, settings)[1]
+    frozen = {"reference": SlotLoader(cfg, run, []).load(ref_slot)}
+    params = initial_params(cfg, run)
     # Perturb the policy so it differs from the reference (else every log-ratio is 0).
-    params = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    params = {"policy": jax.tree_util.tree_map(lambda x: x * 1.01, params)}
     batch_p = next(precomputed.train_iterator)
     batch_c = next(colocated.train_iterator)
     batch_c.pop("index")
     np.testing.assert_array_equal(batch_p["tokens"], batch_c["tokens"])  # same data order
     with shd.mesh_context(run.mesh, run.rules):
         loss_c, sums_c = jax.jit(colocated.sums_fn)(params, to_global(batch_c, run.mesh, run.rules),
-                                                    *colocated.frozen)
-        loss_p, sums_p = jax.jit(precomputed.sums_fn)(params, to_global(batch_p, run.mesh, run.rules))
+                                                    frozen)
+        loss_p, sums_p = jax.jit(precomputed.sums_fn)(params, to_global(batch_p, run.mesh, run.rules),
+                                                      {})
     np.testing.assert_allclose(loss_p, loss_c, atol=1e-5, rtol=1e-5)
     for k in sums_c:
         np.testing.assert_allclose(sums_p[k], sums_c[k], atol=1e-4, rtol=1e-5, err_msg=k)
@@ -169,7 +179,7 @@ def _small_pairs(tmp_path, n=64):
 
 
 @pytest.mark.slow
-def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
+def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path, monkeypatch):
     """ref <- alpha * policy + (1 - alpha) * ref every tau steps, checkpointed with the state:
     a run stopped after 2 steps and resumed ends exactly where an uninterrupted run does."""
     from alignjax import sharding as shd
@@ -181,7 +191,13 @@ def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
               "dpo.ref_refresh_every=2", "dpo.ref_refresh_alpha=0.5", "checkpoint.every=1",
               "checkpoint.keep=5", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
               "optimizer.lr=1e-3", "train.batch_size=16"]
+    from alignjax.model import store
+    reads = []
+    real_load = store.load_model
+    monkeypatch.setattr(store, "load_model", lambda path, *a, **k: reads.append(path) or real_load(path, *a, **k))
     _train("configs/dpo.py:tiny", tmp_path / "full", sft_run[0], common + ["train.steps=3"])
+    assert reads == [str(sft_run[0])]  # policy and reference come from one read
+    monkeypatch.setattr(store, "load_model", real_load)
     _train("configs/dpo.py:tiny", tmp_path / "resumed", sft_run[0], common + ["train.steps=2"])
     _train("configs/dpo.py:tiny", tmp_path / "resumed", sft_run[0], common + ["train.steps=3"])
 
@@ -195,8 +211,9 @@ def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
         finally:
             ckpt.close()
 
-    ref1, ref2, ref3 = (read(tmp_path / "full", s, "ref_params") for s in (1, 2, 3))
-    policy1, policy2 = read(tmp_path / "full", 1, "params"), read(tmp_path / "full", 2, "params")
+    ref_key, policy_key = ("frozen", "reference"), ("params", "policy")
+    ref1, ref2, ref3 = (read(tmp_path / "full", s, ref_key) for s in (1, 2, 3))
+    policy1, policy2 = read(tmp_path / "full", 1, policy_key), read(tmp_path / "full", 2, policy_key)
     initial = load_model(str(sft_run[0])).params
     leaves = lambda tree: jax.tree_util.tree_leaves(tree)  # noqa: E731
     for a, b in zip(leaves(ref1), leaves(initial)):  # no refresh yet: the initial policy
@@ -206,14 +223,14 @@ def test_tr_dpo_refreshes_the_reference_and_resumes(sft_run, tmp_path):
         np.testing.assert_allclose(r2, 0.5 * p2 + 0.5 * r1, rtol=1e-6, atol=1e-7)
     for a, b in zip(leaves(ref3), leaves(ref2)):  # step 3 is not a refresh step
         np.testing.assert_array_equal(a, b)
-    for key in ("params", "ref_params"):
+    for key in (policy_key, ref_key):
         for a, b in zip(leaves(read(tmp_path / "full", 3, key)), leaves(read(tmp_path / "resumed", 3, key))):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_tr_dpo_config_errors():
-    from alignjax.config import validate_config
     from alignjax.model.config import ConfigError
+    from alignjax.train.registry import validate_config
     for overrides, message in [(["dpo.ref_refresh_every=4", "dpo.reference=precomputed"], "colocated"),
                                (["dpo.ref_refresh_every=4", "dpo.loss_type=simpo"], "no reference"),
                                (["dpo.ref_refresh_every=4", "dpo.ref_refresh_alpha=0"], "alpha")]:

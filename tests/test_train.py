@@ -17,6 +17,7 @@ from alignjax.model.params import build_module, init_params
 from alignjax.train import sft
 from alignjax.train.metrics import read_metrics
 from alignjax.train.optim import make_optimizer
+from alignjax.train.slots import per_slot
 from alignjax.train.state import init_state, state_shardings
 from alignjax.train.step import make_train_step
 
@@ -44,14 +45,16 @@ def _one_step(accum: int, mesh_sizes: dict):
                       num_attention_heads=4, num_key_value_heads=2)
     module, mesh = build_module(cfg), shd.make_mesh(mesh_sizes)
     opt_cfg = load_config("configs/sft.py:tiny").optimizer
-    optimizer, schedule = make_optimizer(opt_cfg, 10)
-    _, shardings = state_shardings(module, optimizer, mesh)
-    state = init_state(init_params(module, jax.random.PRNGKey(0), mesh), optimizer, shardings, 0)
+    tx, schedule = make_optimizer(opt_cfg, 10)
+    optimizer = per_slot({"policy": tx})
+    _, shardings = state_shardings({"policy": module}, optimizer, mesh)
+    state = init_state({"policy": init_params(module, jax.random.PRNGKey(0), mesh)}, optimizer,
+                       shardings, 0)
     step = jax.jit(make_train_step(sft.make_sums_fn(module, chunk_size=8), sft.metrics, optimizer,
-                                   schedule, accum))
+                                   {"policy": schedule}, accum))
     with shd.mesh_context(mesh):
         for i in range(2):  # two steps: the second uses Adam moments built from accumulated grads
-            state, metrics = step(state, shd.shard_batch(_random_batch(seed=i), mesh))
+            state, metrics = step(state, shd.shard_batch(_random_batch(seed=i), mesh), {})
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
 
@@ -124,7 +127,7 @@ def test_packed_batch_loss_equals_its_pieces(bpe_tokenizer):
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     module = build_module(cfg)
     mesh = shd.make_mesh({"data": 8})
-    params = init_params(module, jax.random.PRNGKey(1), mesh)
+    params = {"policy": init_params(module, jax.random.PRNGKey(1), mesh)}
     records = [{"prompt": f"sort: {i} 1 2", "completion": " 1 2 " + str(i)} for i in range(3, 11)]
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"pack_{os.getpid()}.jsonl")
     with open(path, "w") as f:

@@ -5,7 +5,8 @@ An alignjax model directory holds:
     params/               orbax checkpoint of the params tree, restored straight into shardings
     tokenizer/            the tokenizer files found with the source model (if any)
     generation_config.json  (if the source had one)
-A training workdir has the same json with "params": "checkpoints": its latest checkpoint's params.
+A training workdir has the same json with "params": "checkpoints" and "slot": its latest
+checkpoint's state["params"][slot] (checkpoints written before named slots: state["params"]).
 A Hugging Face directory (config.json + safetensors) is read directly through the key table.
 """
 
@@ -108,7 +109,8 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
         from alignjax.checkpoint import Checkpointer
         ckpt = Checkpointer(path, every=1)
         try:  # the newest checkpoint that restores; damaged newer ones are moved aside
-            step, params = ckpt.restore_newest(lambda s: ckpt.restore_params(s, abstract))
+            step, params = ckpt.restore_newest(lambda s: ckpt.restore_params(
+                s, abstract, _params_key(ckpt, s, meta.get("slot", "policy"))))
         finally:
             ckpt.close()
         if step is None:
@@ -116,10 +118,17 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
     else:
         params = restore_params(os.path.join(path, "params"), abstract)
     tok_dir = os.path.join(path, "tokenizer")
-    extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format", "params")}
+    extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format", "params", "slot")}
     extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json"))
     return LoadedModel(config, stored_head, module, params, mesh, rules,
                        tok_dir if os.path.isdir(tok_dir) else None, extra)
+
+
+def _params_key(ckpt, step: int, slot: str) -> tuple:
+    """Where a checkpoint's model params are: state["params"][slot], or state["params"] in
+    checkpoints written before named slots (their meta has no "state_layout")."""
+    layout = ckpt.restore_meta(step).get("state_layout", 1)
+    return ("params", slot) if layout >= 2 else ("params",)
 
 
 def restore_params(params_dir: str, abstract):

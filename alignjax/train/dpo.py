@@ -4,16 +4,20 @@
 (name, weight) pairs. Pairwise
 losses read pairs, `rrhf`/`pro` read ranked groups, `kto` reads unpaired labelled examples.
 
-The reference model is either colocated (frozen params on the same mesh, in `dpo.ref_dtype`,
-passed to the step as an argument) or precomputed: one pass over the training set before
-training stores the reference log-probs per record (WORKDIR/reference_logps.npy), batches carry
-them, and no reference weights stay in device memory. TR-DPO (`dpo.ref_refresh_every` > 0, colocated
-only) refreshes the reference every tau steps, ref <- alpha * policy + (1 - alpha) * ref; it then
-lives in the train state, so checkpoints and resume carry it.
+The reference model (slot "reference", read from `model.init_from` with the policy in one read)
+is either colocated (frozen params on the same mesh, in `dpo.ref_dtype`, passed to the step) or
+precomputed: one pass over each split before training stores the reference log-probs per record
+(WORKDIR/reference_logps_<split>_p<process>.npy), batches carry them, and no reference weights
+stay in device memory. TR-DPO (`dpo.ref_refresh_every` > 0, colocated only) refreshes the
+reference every tau steps, ref <- alpha * policy + (1 - alpha) * ref; it then lives in the train
+state (state["frozen"]["reference"]), so checkpoints and resume carry it.
+
+`dpo.*` is parsed once, by `settings(config)`, into a `DPOSettings`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -23,13 +27,33 @@ import numpy as np
 from alignjax.losses.preference import PAIR_LOSSES, REFERENCE_FREE, PairLogps, PrefHParams, preference_loss
 from alignjax.losses.ranking import kto_loss, pro_loss, rrhf_loss
 from alignjax.model.config import ConfigError
-from alignjax.train.grouped import example_weights, means_to_sums, sequence_logps, sums_to_means
+from alignjax.train.grouped import (abstract_grouped_batch, example_weights, means_to_sums,
+                                    sequence_logps, sums_to_means)
+from alignjax.train.registry import AlgorithmSpec
+from alignjax.train.slots import Follow, Slot
 
 RANKED, UNPAIRED = ("rrhf", "pro"), ("kto",)
-REF_FILE = "reference_logps.npy"
+REFERENCES = ("colocated", "precomputed")
 
 
-def loss_terms(loss_type) -> list[tuple[str, float]]:
+@dataclasses.dataclass(frozen=True)
+class DPOSettings:
+    terms: tuple                 # ((loss name, weight), ...)
+    kind: str                    # pair | ranked | kto: the data the losses read
+    needs_reference: bool
+    reference: str               # colocated | precomputed
+    ref_dtype: str
+    refresh_every: int           # TR-DPO: 0 = a frozen reference
+    refresh_alpha: float
+    hparams: PrefHParams
+    rrhf_sft_weight: float
+    pro_use_scores: bool
+    desirable_weight: float
+    undesirable_weight: float
+    num_responses: int           # K of ranked data
+
+
+def loss_terms(loss_type) -> tuple:
     """A name, a list of (name, weight) pairs, or that list written as a string (CLI overrides)."""
     if isinstance(loss_type, str) and loss_type.strip().startswith(("[", "(")):
         import ast
@@ -47,85 +71,121 @@ def loss_terms(loss_type) -> list[tuple[str, float]]:
             except ValueError:
                 raise ConfigError(f"dpo.loss_type={loss_type!r}: weights are numbers, e.g. "
                                   "dpo:1.0+sft:0.5") from None
-        return terms
-    return [(str(n), float(w)) for n, w in loss_type]
+        return tuple(terms)
+    return tuple((str(n), float(w)) for n, w in loss_type)
 
 
-def data_kind(loss_type) -> str:
+def _data_kind(names) -> str:
     """pair | ranked | kto, from the loss names (one kind per run)."""
-    names = [n for n, _ in loss_terms(loss_type)]
     valid = sorted(PAIR_LOSSES) + list(RANKED) + list(UNPAIRED)
     for n in names:
         if n not in valid:
             raise ConfigError(f"dpo.loss_type: unknown loss {n!r}; valid: {', '.join(valid)}")
     if any(n in RANKED + UNPAIRED for n in names):
         if len(names) > 1:
-            raise ConfigError(f"dpo.loss_type={names}: {names[0]} cannot be combined with other losses")
+            raise ConfigError(f"dpo.loss_type={list(names)}: {names[0]} cannot be combined with "
+                              "other losses")
         return "ranked" if names[0] in RANKED else "kto"
     return "pair"
 
 
-def needs_reference(loss_type) -> bool:
-    names = [n for n, _ in loss_terms(loss_type)]
-    return not all(n in REFERENCE_FREE or n in RANKED for n in names)
-
-
-def refresh_settings(dpo_cfg) -> tuple[int, float]:
-    """(every, alpha) of TR-DPO's reference refresh; every = 0 means a frozen reference."""
-    every, alpha = int(dpo_cfg.get("ref_refresh_every", 0) or 0), float(dpo_cfg.get("ref_refresh_alpha", 1.0))
+def settings(config) -> DPOSettings:
+    """`config.dpo` parsed and checked once; every problem is a ConfigError naming its key."""
+    c = config.dpo
+    terms = loss_terms(c.loss_type)
+    names = [n for n, _ in terms]
+    kind = _data_kind(names)
+    needs_ref = not all(n in REFERENCE_FREE or n in RANKED for n in names)
+    if c.reference not in REFERENCES:
+        raise ConfigError(f"dpo.reference={c.reference!r}: use 'colocated' or 'precomputed'")
+    try:
+        fields = PrefHParams.__dataclass_fields__
+        hp = PrefHParams(**{k: float(c[k]) for k in fields})
+    except ValueError as e:
+        raise ConfigError(f"dpo: {e}") from None
+    every, alpha = int(c.ref_refresh_every), float(c.ref_refresh_alpha)
     if every < 0 or not 0.0 < alpha <= 1.0:
         raise ConfigError(f"dpo.ref_refresh_every={every}, dpo.ref_refresh_alpha={alpha}: use every >= 0 "
                           "steps (0 = off) and 0 < alpha <= 1 (1 = copy the policy)")
-    if every and dpo_cfg.reference != "colocated":
+    if every and c.reference != "colocated":
         raise ConfigError("dpo.ref_refresh_every > 0 needs dpo.reference=colocated: a precomputed "
                           "reference cannot follow the policy")
-    if every and not needs_reference(dpo_cfg.loss_type):
-        raise ConfigError(f"dpo.ref_refresh_every > 0 but dpo.loss_type={dpo_cfg.loss_type!r} uses no "
+    if every and not needs_ref:
+        raise ConfigError(f"dpo.ref_refresh_every > 0 but dpo.loss_type={c.loss_type!r} uses no "
                           "reference model; set dpo.ref_refresh_every=0")
-    return every, alpha
+    return DPOSettings(terms, kind, needs_ref, c.reference, c.ref_dtype, every, alpha, hp,
+                       float(c.rrhf_sft_weight), bool(c.pro_use_scores), float(c.desirable_weight),
+                       float(c.undesirable_weight), int(config.data.num_responses))
 
 
-def hparams(dpo_cfg) -> PrefHParams:
-    fields = PrefHParams.__dataclass_fields__
-    return PrefHParams(**{k: float(dpo_cfg[k]) for k in fields if k in dpo_cfg})
+def reference_slot(config, s: DPOSettings) -> Slot:
+    """The reference: the model training starts from, in dpo.ref_dtype."""
+    follows = Follow("policy", s.refresh_every, s.refresh_alpha) if s.refresh_every else None
+    return Slot("reference", "lm", config.model.init_from, trains=False, dtype=s.ref_dtype,
+                follows=follows)
 
 
-def make_sums_fn(module, ref_module, dpo_cfg, precomputed: bool):
-    """sums_fn(params, batch[, ref_params]) for the shared train step."""
-    terms = loss_terms(dpo_cfg.loss_type)
-    kind, hp = data_kind(terms), hparams(dpo_cfg)
+def slots(config, s: DPOSettings) -> list:
+    """The policy, plus the reference when the step reads it (colocated)."""
+    policy = Slot("policy", "lm", config.model.init_from)
+    if s.needs_reference and s.reference == "colocated":
+        return [policy, reference_slot(config, s)]
+    return [policy]
 
-    def sums_fn(params, batch, *ref):
-        logps, lens = sequence_logps(module, params, batch)
+
+def make_sums_fn(module, ref_module, s: DPOSettings):
+    """sums_fn(params, batch, frozen) for the shared train step; the reference's log-probs come
+    from frozen["reference"] (colocated) or from the batch (precomputed)."""
+    terms, kind, hp = s.terms, s.kind, s.hparams
+
+    def sums_fn(params, batch, frozen=None):
+        logps, lens = sequence_logps(module, params["policy"], batch)
         w = example_weights(batch)
-        if needs_reference(dpo_cfg.loss_type):
-            ref_logps = batch["ref_logps"] if precomputed else jax.lax.stop_gradient(
-                sequence_logps(ref_module, ref[0], batch)[0])
-        else:
+        if not s.needs_reference:
             ref_logps = None
+        elif s.reference == "precomputed":
+            ref_logps = batch["ref_logps"]
+        else:
+            ref_logps = jax.lax.stop_gradient(
+                sequence_logps(ref_module, frozen["reference"], batch)[0])
         if kind == "pair":
             x = PairLogps(logps[:, 0], logps[:, 1], lens[:, 0], lens[:, 1],
                           *((ref_logps[:, 0], ref_logps[:, 1]) if ref_logps is not None else ()))
             loss, m = preference_loss(x, terms, hp, sample_weight=w)
         elif kind == "ranked":
             valid = batch["valid"] & (w[:, None] > 0)
-            fn = rrhf_loss if terms[0][0] == "rrhf" else pro_loss
-            if fn is rrhf_loss:
+            if terms[0][0] == "rrhf":
                 loss, m = rrhf_loss(logps, lens, batch["scores"], valid,
-                                    sft_weight=float(dpo_cfg.get("rrhf_sft_weight", 1.0)))
+                                    sft_weight=s.rrhf_sft_weight)
             else:
-                loss, m = pro_loss(logps, lens, valid, batch["scores"] if dpo_cfg.get("pro_use_scores", True) else None)
+                loss, m = pro_loss(logps, lens, valid, batch["scores"] if s.pro_use_scores else None)
             m = dict(m, **_ranked_accuracy(logps, lens, batch["scores"], valid))
         else:
             loss, m = kto_loss(logps[:, 0], ref_logps[:, 0], batch["label"] > 0.5, logps[:, 1],
                                ref_logps[:, 1], beta=hp.beta,
-                               desirable_weight=float(dpo_cfg.get("desirable_weight", 1.0)),
-                               undesirable_weight=float(dpo_cfg.get("undesirable_weight", 1.0)),
-                               sample_weight_b=w)
+                               desirable_weight=s.desirable_weight,
+                               undesirable_weight=s.undesirable_weight, sample_weight_b=w)
         m = {k: v for k, v in m.items() if k != "loss" and jnp.ndim(v) == 0}
         return means_to_sums(loss, m, jnp.sum(w))
 
     return sums_fn
+
+
+def sums(config, s: DPOSettings, modules):
+    ref_module = modules.get("reference")
+    if ref_module is None and s.needs_reference:  # precomputed: the module of the one pass
+        from alignjax.train.slots import slot_module
+        ref_module = slot_module(modules["policy"].config, reference_slot(config, s))
+    return make_sums_fn(modules["policy"], ref_module, s), metrics
+
+
+def abstract_batch(config, s: DPOSettings) -> dict:
+    b = int(config.train.batch_size)
+    k = s.num_responses if s.kind == "ranked" else 2
+    batch = abstract_grouped_batch(b, k, int(config.data.seq_len))
+    if s.needs_reference and s.reference == "precomputed":
+        batch["ref_logps"] = jax.ShapeDtypeStruct((b, k), jnp.float32)
+    return batch
 
 
 def _ranked_accuracy(logps, lens, scores, valid):
@@ -144,32 +204,21 @@ def metrics(sums) -> dict:
 
 def _iterators(config, workdir, run, kind):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
-    from alignjax.train.setup import checked_sources
+    from alignjax.train.setup import checked_sources, eval_batch_size
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
     train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, kind)
     eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d, kind) if d.eval else None
-    micro = int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // pc
 
     def eval_iter(sources=eval_sources):
-        return make_preference_eval_iterator(sources, run.tokenizer, d, kind=kind, batch_size=micro,
+        return make_preference_eval_iterator(sources, run.tokenizer, d, kind=kind,
+                                             batch_size=eval_batch_size(config),
                                              seq_len=int(d.seq_len), process_index=pi, process_count=pc)
 
     train_iter = make_preference_iterator(
         train_sources, run.tokenizer, d, kind=kind, seed=int(d.shuffle_seed),
         batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len), process_index=pi, process_count=pc)
     return train_iter, (eval_iter if eval_sources else None), train_sources, eval_sources
-
-
-def reference_params(config, run, policy_params):
-    """The frozen reference: the initial policy, cast to `dpo.ref_dtype`, on the same mesh."""
-    from alignjax.model.params import abstract_params, build_module
-    ref_cfg = run.model_config.replace(dtype=config.dpo.ref_dtype, param_dtype=config.dpo.ref_dtype)
-    ref_module = build_module(ref_cfg)
-    _, shardings = abstract_params(ref_module, run.mesh, run.rules)
-    dtype = jnp.dtype(config.dpo.ref_dtype)
-    cast = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(dtype), p), out_shardings=shardings)
-    return ref_module, cast(policy_params)
 
 
 class WithReference:
@@ -207,25 +256,28 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
                          split: str) -> np.ndarray:
     """Reference log-probs [N, K] of every record this process reads, in one ordered pass.
 
-    Stored as WORKDIR/reference_logps_<split>_p<process>.npy and reused on resume.
+    Stored as WORKDIR/reference_logps_<split>_p<process>.npy and reused on resume (then
+    `ref_params`, a callable, is not called: the reference is not read).
     """
     from alignjax import sharding as shd
     from alignjax.data.preference import make_preference_eval_iterator
     from alignjax.train.loop import to_global
-    path = os.path.join(workdir, f"reference_logps_{split}_p{jax.process_index()}.npy")
+    from alignjax.train.setup import eval_batch_size
+    path = reference_table_path(workdir, split)
     if os.path.exists(path):
         return np.load(path)
-    d, t = config.data, config.train
-    micro = int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // jax.process_count()
-    it = make_preference_eval_iterator(sources, run.tokenizer, d, kind=kind, batch_size=micro,
-                                       seq_len=int(d.seq_len), process_index=jax.process_index(),
+    params = ref_params()
+    it = make_preference_eval_iterator(sources, run.tokenizer, config.data, kind=kind,
+                                       batch_size=eval_batch_size(config),
+                                       seq_len=int(config.data.seq_len),
+                                       process_index=jax.process_index(),
                                        process_count=jax.process_count())
     fn = jax.jit(lambda p, b: sequence_logps(ref_module, p, b)[0])
     rows = {}
     with shd.mesh_context(run.mesh, run.rules):
         for batch in it:
             index = batch.pop("index")
-            logps = np.asarray(jax.device_get(fn(ref_params, to_global(batch, run.mesh, run.rules))))
+            logps = np.asarray(jax.device_get(fn(params, to_global(batch, run.mesh, run.rules))))
             rows.update({int(i): logps[j] for j, i in enumerate(index) if i >= 0})
     n = max(rows) + 1 if rows else 0
     table = np.zeros((n, logps.shape[1]), np.float32)
@@ -237,39 +289,36 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     return table
 
 
-def build(config, workdir: str, run):
+def reference_table_path(workdir: str, split: str) -> str:
+    return os.path.join(workdir, f"reference_logps_{split}_p{jax.process_index()}.npy")
+
+
+def build(config, workdir: str, run, s: DPOSettings, modules, loader):
     from alignjax.train.loop import Algorithm
-    from alignjax.train.setup import initial_params
-    kind = data_kind(config.dpo.loss_type)
-    mode = config.dpo.reference
-    train_iter, eval_iter, train_sources, eval_sources = _iterators(config, workdir, run, kind)
-    ref_module, frozen, moving = None, (), {}
-    if needs_reference(config.dpo.loss_type):
-        # The reference is the model training starts from (re-read from model.init_from on resume).
-        ref_module, ref = reference_params(
-            config, run, initial_params(config, run.module, run.mesh, run.rules))
-        every, alpha = refresh_settings(config.dpo)
-        if every:  # TR-DPO: the reference moves with training, so it lives in the train state
-            moving = dict(reference=ref, ref_module=ref_module, ref_refresh=(every, alpha))
-        elif mode == "colocated":
-            frozen = (ref,)
-        else:
-            train_table = precompute_reference(config, workdir, run, ref_module, ref, kind,
-                                               train_sources, "train")
-            eval_table = (precompute_reference(config, workdir, run, ref_module, ref, kind,
-                                               eval_sources, "eval") if eval_sources else None)
-            jax.tree_util.tree_map(lambda x: x.delete(), ref)  # no reference left on the devices
-            del ref
-            train_iter = WithReference(train_iter, train_table)
-            if eval_iter is not None:
-                make_eval = eval_iter
-                eval_iter = lambda: WithReference(make_eval(), eval_table)  # noqa: E731
-    return Algorithm("dpo", make_sums_fn(run.module, ref_module, config.dpo, mode == "precomputed"),
-                     metrics, train_iter, eval_iter, frozen, **moving)
+    from alignjax.train.slots import slot_module
+    train_iter, eval_iter, train_sources, eval_sources = _iterators(config, workdir, run, s.kind)
+    if s.needs_reference and s.reference == "precomputed":
+        slot = reference_slot(config, s)
+        ref_module, held = slot_module(run.model_config, slot), []
+
+        def ref_params():  # read once, only if a table is missing
+            if not held:
+                held.append(loader.load(slot, ref_module))
+            return held[0]
+
+        train_table = precompute_reference(config, workdir, run, ref_module, ref_params, s.kind,
+                                           train_sources, "train")
+        eval_table = (precompute_reference(config, workdir, run, ref_module, ref_params, s.kind,
+                                           eval_sources, "eval") if eval_sources else None)
+        for tree in held:  # no reference left on the devices
+            jax.tree_util.tree_map(lambda x: x.delete(), tree)
+        held.clear()
+        train_iter = WithReference(train_iter, train_table)
+        if eval_iter is not None:
+            make_eval = eval_iter
+            eval_iter = lambda: WithReference(make_eval(), eval_table)  # noqa: E731
+    sums_fn, metrics_fn = sums(config, s, modules)
+    return Algorithm("dpo", sums_fn, metrics_fn, train_iter, eval_iterator=eval_iter)
 
 
-def train(config, workdir: str) -> dict:
-    from alignjax.train.loop import train_loop
-    from alignjax.train.setup import build_run
-    run = build_run(config, workdir)
-    return train_loop(config, workdir, run, build(config, workdir, run))
+SPEC = AlgorithmSpec("dpo", settings, slots, sums, abstract_batch, build)

@@ -69,3 +69,15 @@ def example_weights(batch: dict):
         return batch["example_valid"].astype(jnp.float32)
     return jnp.ones(batch["tokens"].shape[:1], jnp.float32)
 
+
+
+def abstract_grouped_batch(batch: int, k: int, seq_len: int) -> dict:
+    """Abstract preference batch [B, K, T] (see alignjax.data.preference), for `alignjax compile`."""
+    seq = {key: jax.ShapeDtypeStruct((batch, k, seq_len), jnp.int32)
+           for key in ("tokens", "positions", "segment_ids", "targets")}
+    return seq | {"loss_mask": jax.ShapeDtypeStruct((batch, k, seq_len), jnp.float32),
+                  "valid": jax.ShapeDtypeStruct((batch, k), jnp.bool_),
+                  "scores": jax.ShapeDtypeStruct((batch, k), jnp.float32),
+                  "margin": jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  "label": jax.ShapeDtypeStruct((batch,), jnp.float32),
+                  "example_valid": jax.ShapeDtypeStruct((batch,), jnp.bool_)}

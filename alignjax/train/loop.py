@@ -1,7 +1,10 @@
-"""The one training loop: restore-or-init, jitted step with donated state, metrics, eval, checkpoints.
+"""The one training loop: restore-or-init, jitted update with donated state, metrics, eval, checkpoints.
 
-Each algorithm hands the loop an `Algorithm`: its sums function (see alignjax.train.step), its
-metrics, its data iterators and any frozen models. Everything else is shared.
+`train(config, workdir)` runs the configured algorithm (alignjax.train.registry). Its `build`
+hands the loop an `Algorithm`: the sums function (see alignjax.train.step), its metrics, and where
+batches come from — a grain iterator (offline: SFT, DPO, reward) or a producer that makes each
+step's batch from the current state (online: rollouts). A loop step takes one batch and runs
+`epochs` x `num_minibatches` updates on it (offline: 1 x 1). Everything else is shared.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from alignjax import sharding as shd
 from alignjax.checkpoint import Checkpointer
 from alignjax.errors import UserError
 from alignjax.model.store import MODEL_FILE
+from alignjax.train import slots as slots_lib
 from alignjax.train.metrics import MetricsWriter, peak_flops
-from alignjax.train.optim import make_optimizer
-from alignjax.train.setup import Run, initial_params
+from alignjax.train.setup import Run
 from alignjax.train.signals import StopOnSignal
 from alignjax.train.state import init_state, state_shardings
 from alignjax.train.step import make_eval_step, make_train_step
 
 KILL_ENV = "ALIGNJAX_KILL_AFTER_STEP"  # tests: hard-exit right after the checkpoint of this step
+STATE_LAYOUT = 2  # checkpoints' meta; 1 (absent) = the single-model state before named slots
 
 
 class NonFiniteError(UserError):
@@ -37,18 +41,20 @@ class NonFiniteError(UserError):
 @dataclasses.dataclass
 class Algorithm:
     name: str
-    sums_fn: Callable            # (params, batch, *frozen) -> (objective_sum, sums)
+    sums_fn: Callable            # (params: {slot: tree}, batch, frozen: {slot: tree}) -> (objective_sum, sums)
     metrics_fn: Callable         # sums -> dict of scalars
-    train_iterator: Any          # grain DatasetIterator of process-local batches
+    # Offline: a grain DatasetIterator of process-local batches. Online: the iterator the producer
+    # reads (prompts), or None; either way its position is checkpointed.
+    train_iterator: Any = None
+    # Online: (state, frozen, step, rng) -> (process-local numpy batch, metrics dict). It reads
+    # state["params"] in place (no copy); rng is the run's key folded with the step.
+    producer: Optional[Callable] = None
+    epochs: int = 1              # passes over each batch
+    num_minibatches: int = 1     # shuffled minibatches per pass (seeded by step and epoch)
     eval_iterator: Optional[Callable] = None   # () -> fresh iterator over the eval split, or None
-    frozen: tuple = ()           # frozen models' params (reference, reward), not trained
-    # A reference that training refreshes (TR-DPO) lives in the train state instead: its initial
-    # params, its module, and (every, alpha) of ref <- alpha * policy + (1 - alpha) * ref.
-    reference: Any = None
-    ref_module: Any = None
-    ref_refresh: tuple = (0, 1.0)
-    tokens_per_example: Optional[Callable] = None  # batch -> number of tokens processed
-    extra_meta: dict = dataclasses.field(default_factory=dict)
+    # Extra host state saved with every checkpoint and restored on resume (e.g. a KL controller):
+    # an object with get_state() -> JSON-able dict and set_state(dict).
+    host_state: Any = None
 
 
 def to_global(batch: dict, mesh, rules) -> dict:
@@ -59,74 +65,128 @@ def to_global(batch: dict, mesh, rules) -> dict:
     return jax.tree_util.tree_map(put, batch)
 
 
-def write_model_file(workdir: str, run: Run, extra: Optional[dict] = None):
-    """Makes the workdir itself loadable as a model (params from its latest checkpoint)."""
+def minibatch_order(seed: int, step: int, epoch: int, rows: int) -> np.ndarray:
+    """The row order of one pass over a step's (process-local) batch."""
+    return np.random.default_rng([seed, step, epoch]).permutation(rows)
+
+
+def minibatches(batch: dict, step: int, seed: int, epochs: int, num_minibatches: int):
+    """The epochs x num_minibatches process-local minibatches of one step's batch."""
+    rows = len(np.asarray(batch[next(iter(batch))]))
+    if rows % num_minibatches:
+        raise UserError(f"a batch of {rows} rows (per process) does not divide into "
+                        f"{num_minibatches} minibatches; change the batch size or the minibatch count")
+    size = rows // num_minibatches
+    for epoch in range(epochs):
+        order = minibatch_order(seed, step, epoch, rows) if epochs * num_minibatches > 1 else None
+        for i in range(num_minibatches):
+            if order is None:
+                yield batch
+            else:
+                idx = order[i * size:(i + 1) * size]
+                yield {k: np.asarray(v)[idx] for k, v in batch.items()}
+
+
+def write_model_file(workdir: str, run: Run, slot: str, extra: Optional[dict] = None):
+    """Makes the workdir itself loadable as a model: slot `slot` of its latest checkpoint."""
     if jax.process_index() != 0:
         return
     meta = {"format": 1, "head": run.module.head, "model": run.model_config.to_json_dict(),
-            "params": "checkpoints", **(extra or {})}
+            "params": "checkpoints", "slot": slot, **(extra or {})}
     with open(os.path.join(workdir, MODEL_FILE), "w") as f:
         json.dump(meta, f, indent=2)
 
 
-def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
-    """Runs (or resumes) `config.train.steps` optimizer steps. Returns the last logged metrics."""
+def train(config, workdir: str, spec=None) -> dict:
+    """Builds the run for the configured algorithm (or `spec`) and trains it."""
+    from alignjax.train import registry
+    from alignjax.train.setup import build_run
+    spec = spec or registry.get(config.algorithm)
+    settings = spec.settings(config)
+    head = slots_lib.trainable(spec.slots(config, settings))[0].head
+    run = build_run(config, workdir, head=head)
+    out = train_loop(config, workdir, run, spec, settings)
+    if spec.finish is not None:
+        spec.finish(config, workdir, out)
+    return out
+
+
+def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
+    """Runs (or resumes) `config.train.steps` loop steps. Returns the last logged metrics."""
     t = config.train
-    steps, accum = int(t.steps), int(t.get("grad_accum_steps", 1))
-    optimizer, schedule = make_optimizer(config.optimizer, steps)
-    abstract, shardings = state_shardings(run.module, optimizer, run.mesh, run.rules,
-                                          algo.ref_module if algo.reference is not None else None)
+    steps, accum, seed = int(t.steps), int(t.grad_accum_steps), int(t.seed)
+    slots = spec.slots(config, settings)
+    trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
+                                slots_lib.fixed(slots))
+    modules = {s.name: slots_lib.slot_module(run.model_config, s) for s in slots}
+    modules[trainable[0].name] = run.module
     ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
                         bool(config.checkpoint.async_save))
-    latest, restored = ckpt.restore_newest(lambda s: ckpt.restore(s, abstract, algo.train_iterator))
+    resuming = ckpt.latest_step() is not None  # else restore_newest raises: none restores
+    loader = slots_lib.SlotLoader(config, run, fixed + ([] if resuming else trainable + moving))
+    algo = spec.build(config, workdir, run, settings, modules, loader)
+    updates = algo.epochs * algo.num_minibatches
+    optimizer, schedules = slots_lib.slot_optimizer(config, trainable, steps * updates)
+    abstract, shardings = state_shardings({s.name: modules[s.name] for s in trainable}, optimizer,
+                                          run.mesh, run.rules, {s.name: modules[s.name] for s in moving})
+    latest, restored = ckpt.restore_newest(
+        lambda s: _restore(ckpt, s, abstract, algo, trainable[0].name))
     if latest is None:
-        state = init_state(initial_params(config, run.module, run.mesh, run.rules), optimizer,
-                           shardings, int(t.seed), algo.reference)
+        params = {s.name: loader.load(s, modules[s.name]) for s in trainable}
+        frozen_state = {s.name: loader.load(s, modules[s.name]) for s in moving}
+        state = init_state(params, optimizer, shardings, seed, frozen_state)
         start = 0
     else:
-        state, _ = restored
-        start = int(latest)
+        state, start = restored, int(latest)
         print(f"resuming {workdir} from step {start}")
-    if algo.reference is not None:  # the state holds (or restored) its own copy
-        jax.tree_util.tree_map(lambda x: x.delete(), algo.reference)
-        algo.reference = None
-    write_model_file(workdir, run, algo.extra_meta)
+    frozen = {s.name: loader.load(s, modules[s.name]) for s in fixed}
+    write_model_file(workdir, run, trainable[0].name)
 
     replicated = NamedSharding(run.mesh, P())
-    step_fn = jax.jit(make_train_step(algo.sums_fn, algo.metrics_fn, optimizer, schedule, accum,
-                                      algo.ref_refresh),
+    step_fn = jax.jit(make_train_step(algo.sums_fn, algo.metrics_fn, optimizer, schedules, accum,
+                                      {s.name: s.follows for s in moving}),
                       out_shardings=(shardings, replicated), donate_argnums=0)
     eval_fn = jax.jit(make_eval_step(algo.sums_fn), out_shardings=replicated)
 
     writer = MetricsWriter(workdir, start, steps, desc=algo.name)
     peak, peak_source = peak_flops(run.model_config.dtype)  # all devices of the run together
     flops_per_token = run.model_config.flops_per_token(int(config.data.seq_len))
-    forward_only = len(algo.frozen) + ("ref_params" in state)
+    forward_only = len(fixed) + len(moving)
     if forward_only:  # frozen models run forward only: about a third of a training token each
         flops_per_token *= 1 + forward_only / 3
-    log_every, eval_every = int(t.log_every), int(t.get("eval_every", 0) or 0)
+    log_every, eval_every = int(t.log_every), int(t.eval_every)
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
-    waited, steps_since = 0.0, 0  # data_wait: seconds in next(train_iterator) per step
+    waited, steps_since = 0.0, 0  # data_wait: seconds getting each step's batch (incl. rollouts)
     try:
         with shd.mesh_context(run.mesh, run.rules), StopOnSignal() as stop:
-            if algo.eval_iterator and start == 0 and t.get("eval_on_start", False):
-                last = evaluate(eval_fn, state, algo, run, config)  # the starting model, as step 0
+            if algo.eval_iterator and start == 0 and t.eval_on_start:
+                last = evaluate(eval_fn, state, frozen, algo, run, config)  # the starting model
                 writer.write(0, last)
                 clock = time.perf_counter()
             for step in range(start + 1, steps + 1):
                 wait_start = time.perf_counter()
-                local = next(algo.train_iterator)
+                if algo.producer is not None:
+                    rng = jax.random.fold_in(state["rng"], step)
+                    local, produced = algo.producer(state, frozen, step, rng)
+                else:
+                    local, produced = next(algo.train_iterator), {}
                 waited, steps_since = waited + time.perf_counter() - wait_start, steps_since + 1
-                tokens_since += _count_tokens(local, algo) * jax.process_count()
-                state, metrics = step_fn(state, to_global(local, run.mesh, run.rules), *algo.frozen)
-                if compiles is None:
-                    compiles = step_fn._cache_size()
-                elif step_fn._cache_size() != compiles:
-                    raise RuntimeError("the train step recompiled inside the loop (a batch changed "
-                                       "shape or dtype); this is a bug, please report it")
+                if "tokens" in local:
+                    tokens_since += np.asarray(local["tokens"]).size * algo.epochs * jax.process_count()
+                step_metrics = []
+                for mb in minibatches(local, step, seed, algo.epochs, algo.num_minibatches):
+                    state, metrics = step_fn(state, to_global(mb, run.mesh, run.rules), frozen)
+                    step_metrics.append(metrics)
+                    if compiles is None:
+                        compiles = step_fn._cache_size()
+                    elif step_fn._cache_size() != compiles:
+                        raise RuntimeError("the train step recompiled inside the loop (a batch changed "
+                                           "shape or dtype); this is a bug, please report it")
                 row = {}
                 if step % log_every == 0 or step == steps:
-                    row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    got = jax.device_get(step_metrics)  # the mean over the step's updates
+                    row = {k: float(np.mean([m[k] for m in got])) for k in got[0]}
+                    row.update({k: float(v) for k, v in jax.device_get(produced).items()})
                     _check_finite(row, step, config, ckpt)
                     elapsed, clock = time.perf_counter() - clock, time.perf_counter()
                     tps, tokens_since = tokens_since / elapsed, 0
@@ -134,22 +194,20 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
                                data_wait=waited / steps_since)
                     waited, steps_since = 0.0, 0
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
-                    row.update(evaluate(eval_fn, state, algo, run, config))
+                    row.update(evaluate(eval_fn, state, frozen, algo, run, config))
                     clock = time.perf_counter()  # eval time is not training throughput
                 if row:
                     last.update(row)
                     writer.write(step, row)
                 writer.advance()
-                ckpt.save(step, state, algo.train_iterator, _meta(config, step, peak_source, algo),
-                          force=step == steps)
+                _save(ckpt, step, state, algo, config, peak_source, force=step == steps)
                 if os.environ.get(KILL_ENV) == str(step):
                     ckpt.wait()
                     os._exit(3)  # simulate a preempted host: no cleanup, no final save
                 if stop.signum and step < steps:  # Ctrl-C / preemption: save where we are
                     ckpt.wait()
                     if ckpt.latest_step() != step:
-                        ckpt.save(step, state, algo.train_iterator,
-                                  _meta(config, step, peak_source, algo), force=True)
+                        _save(ckpt, step, state, algo, config, peak_source, force=True)
                         ckpt.wait()
                     stop.stop(f"at step {step}: saved checkpoint {step} in {workdir}; run the "
                               "same command to resume")
@@ -159,34 +217,50 @@ def train_loop(config, workdir: str, run: Run, algo: Algorithm) -> dict:
     return {"state": state, "metrics": last}
 
 
-def evaluate(eval_fn, state, algo: Algorithm, run: Run, config) -> dict:
+def _save(ckpt, step, state, algo: Algorithm, config, peak_source, force: bool):
+    meta = {"step": step, "algorithm": algo.name, "state_layout": STATE_LAYOUT,
+            "config": json.loads(config.to_json_best_effort()), "peak_flops_source": peak_source}
+    host = algo.host_state.get_state() if algo.host_state is not None else None
+    ckpt.save(step, state, algo.train_iterator, meta, force=force, host=host)
+
+
+def _restore(ckpt: Checkpointer, step: int, abstract, algo: Algorithm, slot: str):
+    """The state of checkpoint `step` (and the iterator and host state, in place). A checkpoint
+    written before named slots (one "params" tree) is read into slot `slot`."""
+    layout = ckpt.restore_meta(step).get("state_layout", 1)
+    if layout == 1:
+        legacy = {"step": abstract["step"], "params": abstract["params"][slot],
+                  "opt_state": abstract["opt_state"][slot], "rng": abstract["rng"]}
+        if abstract["frozen"]:
+            legacy["ref_params"] = next(iter(abstract["frozen"].values()))
+        old, _ = ckpt.restore(step, legacy, algo.train_iterator)
+        frozen = {k: old["ref_params"] for k in abstract["frozen"]}
+        return {"step": old["step"], "params": {slot: old["params"]},
+                "opt_state": {slot: old["opt_state"]}, "frozen": frozen, "rng": old["rng"]}
+    state, _, host = ckpt.restore(step, abstract, algo.train_iterator,
+                                  host=algo.host_state is not None)
+    if algo.host_state is not None:
+        algo.host_state.set_state(host)
+    return state
+
+
+def evaluate(eval_fn, state, frozen: dict, algo: Algorithm, run: Run, config) -> dict:
     """One pass over the eval split (at most `train.eval_batches` batches) -> eval/... metrics."""
-    limit = int(config.train.get("eval_batches", 0) or 0)
-    frozen = ((state["ref_params"],) if "ref_params" in state else ()) + tuple(algo.frozen)
+    limit = int(config.train.eval_batches)
+    frozen = {**frozen, **state["frozen"]}
     total = None
     for i, local in enumerate(algo.eval_iterator()):
         if limit and i >= limit:
             break
-        sums = jax.device_get(eval_fn(state["params"], to_global(local, run.mesh, run.rules), *frozen))
+        sums = jax.device_get(eval_fn(state["params"], to_global(local, run.mesh, run.rules), frozen))
         total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
     if total is None:
         return {}
     return {f"eval/{k}": float(v) for k, v in algo.metrics_fn(total).items()}
 
 
-def _count_tokens(batch, algo: Algorithm) -> int:
-    if algo.tokens_per_example is not None:
-        return int(algo.tokens_per_example(batch))
-    return int(np.asarray(batch["tokens"]).size)
-
-
-def _meta(config, step, peak_source, algo: Algorithm) -> dict:
-    return {"step": step, "algorithm": algo.name, "config": json.loads(config.to_json_best_effort()),
-            "peak_flops_source": peak_source, **algo.extra_meta}
-
-
 def _check_finite(metrics: dict, step: int, config, ckpt: Checkpointer):
-    if not config.train.get("nan_guard", True):
+    if not config.train.nan_guard:
         return
     bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
     if bad:

@@ -16,11 +16,13 @@ import numpy as np
 
 from alignjax.losses.reward import bradley_terry_loss
 from alignjax.train.grouped import example_weights, means_to_sums, sequence_rewards, sums_to_means
+from alignjax.train.registry import AlgorithmSpec, no_settings
+from alignjax.train.slots import Slot
 
 
-def make_sums_fn(module, center_coef: float = 0.0):
-    def sums_fn(params, batch):
-        r_bk = sequence_rewards(module, params, batch)
+def make_sums_fn(module, center_coef: float = 0.0, slot: str = "policy"):
+    def sums_fn(params, batch, frozen=None):
+        r_bk = sequence_rewards(module, params[slot], batch)
         w = example_weights(batch)
         loss, m = bradley_terry_loss(r_bk[:, 0], r_bk[:, 1], batch.get("margin"), center_coef, w)
         m = {k: v for k, v in m.items() if k not in ("loss", "reward_min", "reward_max")}
@@ -40,10 +42,24 @@ def metrics(sums) -> dict:
     return out
 
 
-def build(config, workdir: str, run):
+def slots(config, settings) -> list:
+    """One trainable scalar-head model; from a language model it gets a new score head."""
+    return [Slot("policy", "scalar", config.model.init_from)]
+
+
+def sums(config, settings, modules):
+    return make_sums_fn(modules["policy"], float(config.reward.center_coef)), metrics
+
+
+def abstract_batch(config, settings) -> dict:
+    from alignjax.train.grouped import abstract_grouped_batch
+    return abstract_grouped_batch(int(config.train.batch_size), 2, int(config.data.seq_len))
+
+
+def build(config, workdir: str, run, settings, modules, loader):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.train.loop import Algorithm
-    from alignjax.train.setup import checked_sources
+    from alignjax.train.setup import checked_sources, eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
@@ -57,24 +73,22 @@ def build(config, workdir: str, run):
 
     def eval_iter():
         return make_preference_eval_iterator(
-            eval_sources, run.tokenizer, d, kind="pair",
-            batch_size=int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // pc,
+            eval_sources, run.tokenizer, d, kind="pair", batch_size=eval_batch_size(config),
             seq_len=int(d.seq_len), process_index=pi, process_count=pc)
 
-    return Algorithm("reward", make_sums_fn(run.module, float(config.reward.center_coef)), metrics,
-                     train_iter, eval_iter if eval_sources else None)
+    sums_fn, metrics_fn = sums(config, settings, modules)
+    return Algorithm("reward", sums_fn, metrics_fn, train_iter,
+                     eval_iterator=eval_iter if eval_sources else None)
 
 
-def train(config, workdir: str) -> dict:
-    from alignjax.train.loop import train_loop
-    from alignjax.train.setup import build_run
-    run = build_run(config, workdir, head="scalar")
-    out = train_loop(config, workdir, run, build(config, workdir, run))
+def finish(config, workdir: str, out: dict):
     m = out["metrics"]
     if "eval/reward_std" in m:  # statistics PPO uses to normalise this reward model's scores
         store_reward_stats(workdir, {"mean": m["eval/reward_mean"], "std": m["eval/reward_std"],
                                      "source": "eval pairs"})
-    return out
+
+
+SPEC = AlgorithmSpec("reward", no_settings, slots, sums, abstract_batch, build, finish)
 
 
 def store_reward_stats(workdir: str, stats: dict):

@@ -14,7 +14,7 @@ import jax
 
 from alignjax import sharding as shd
 from alignjax.model.config import ConfigError, LlamaConfig
-from alignjax.model.params import build_module, init_params
+from alignjax.model.params import build_module
 
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
@@ -85,26 +85,13 @@ def tokenizer_for(config, workdir: str):
     return tok
 
 
-def initial_params(config, module, mesh, rules_):
-    """Converted weights when `model.init_from` is set (params only), else a seeded random init.
-
-    A scalar-head model (reward, value) started from a language model keeps the backbone and gets a
-    fresh score head: N(0, 1/(d_model+1)) as docs/algorithms.md section 2 asks.
-    """
-    if not config.model.get("init_from"):
-        return init_params(module, jax.random.PRNGKey(int(config.train.seed)), mesh, rules_)
-    from alignjax.model.store import load_model
-    loaded = load_model(config.model.init_from, mesh, rules_, **runtime_overrides(config))
-    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-    if loaded.config.replace(**{k: getattr(module.config, k) for k in ids}) != module.config:
-        raise ConfigError(f"model.init_from={config.model.init_from}: architecture differs from "
-                          "the configured model")
-    if loaded.head == module.head:
-        return loaded.params
-    if module.head == "scalar":
-        return with_new_score_head(loaded.params, module, mesh, rules_, int(config.train.seed))
-    raise ConfigError(f"model.init_from={config.model.init_from} holds a {loaded.head}-head model; "
-                      "a language model cannot be initialised from a reward model")
+def initial_params(config, run):
+    """The params training starts from: `model.init_from` (a scalar head on a language model gets
+    a new score head, N(0, 1/(d_model+1)) as docs/algorithms.md section 2 asks), else a seeded
+    random init."""
+    from alignjax.train.slots import Slot, SlotLoader
+    slot = Slot("policy", head=run.module.head, source=config.model.init_from)
+    return SlotLoader(config, run, []).load(slot, run.module)
 
 
 def with_new_score_head(lm_params, module, mesh, rules_, seed: int, zero: bool = False):
@@ -204,3 +191,8 @@ def build_run(config, workdir: str, head: str = "lm", devices: Optional[list] = 
     tokenizer = tokenizer_for(config, workdir)
     cfg = model_config(config, tokenizer)
     return Run(mesh, rules_, tokenizer, cfg, build_module(cfg, head))
+
+
+def eval_batch_size(config) -> int:
+    """Process-local rows of an eval batch: one micro-batch (eval keeps no gradients)."""
+    return int(config.train.batch_size) // int(config.train.grad_accum_steps) // jax.process_count()

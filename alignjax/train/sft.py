@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from alignjax.losses.logprobs import token_stats
 from alignjax.losses.sft import sft_loss_sums, sft_metrics_from_sums
 from alignjax.model.llama import head_kernel
+from alignjax.train.registry import AlgorithmSpec, no_settings
+from alignjax.train.slots import Slot
 
 
-def make_sums_fn(module, chunk_size: int = 512):
-    """sums_fn(params, batch) -> (nll_sum, {count, correct}) for `alignjax.train.step`."""
+def make_sums_fn(module, chunk_size: int = 512, slot: str = "policy"):
+    """sums_fn(params, batch, frozen) -> (nll_sum, {count, correct}) for `alignjax.train.step`."""
 
-    def sums_fn(params, batch):
-        hidden, _ = module.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"],
+    def sums_fn(params, batch, frozen=None):
+        p = params[slot]
+        hidden, _ = module.apply(p, batch["tokens"], batch["positions"], batch["segment_ids"],
                                  output="hidden")
-        stats = token_stats(hidden, head_kernel(params, module.config), batch["targets"],
+        stats = token_stats(hidden, head_kernel(p, module.config), batch["targets"],
                             chunk_size=chunk_size)
         nll_sum, count, correct = sft_loss_sums(stats.logps, batch["loss_mask"], stats.correct)
         return nll_sum, {"count": count, "correct": correct}
@@ -26,12 +32,31 @@ def metrics(sums) -> dict:
     return m
 
 
-def build(config, workdir: str, run):
+def slots(config, settings) -> list:
+    return [Slot("policy", "lm", config.model.init_from)]
+
+
+def sums(config, settings, modules):
+    return make_sums_fn(modules["policy"]), metrics
+
+
+def token_batch(batch: int, seq_len: int) -> dict:
+    """Abstract token batch [B, T] (see alignjax.data.pipeline)."""
+    i32 = jnp.int32
+    return {k: jax.ShapeDtypeStruct((batch, seq_len), i32)
+            for k in ("tokens", "positions", "segment_ids", "targets")} | {
+        "loss_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)}
+
+
+def abstract_batch(config, settings) -> dict:
+    return token_batch(int(config.train.batch_size), int(config.data.seq_len))
+
+
+def build(config, workdir: str, run, settings, modules, loader):
     """The SFT `Algorithm` for the shared loop: data iterators over the configured sources."""
-    import jax
     from alignjax.data.pipeline import make_sft_eval_iterator, make_sft_iterator
     from alignjax.train.loop import Algorithm
-    from alignjax.train.setup import checked_sources
+    from alignjax.train.setup import checked_sources, eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
@@ -43,15 +68,12 @@ def build(config, workdir: str, run):
 
     def eval_iter():
         return make_sft_eval_iterator(eval_sources, run.tokenizer, d,
-                                      batch_size=int(t.batch_size) // int(t.get("grad_accum_steps", 1)) // pc,
+                                      batch_size=eval_batch_size(config),
                                       seq_len=int(d.seq_len), process_index=pi, process_count=pc)
 
-    return Algorithm("sft", make_sums_fn(run.module), metrics, train_iter,
-                     eval_iter if eval_sources else None)
+    sums_fn, metrics_fn = sums(config, settings, modules)
+    return Algorithm("sft", sums_fn, metrics_fn, train_iter,
+                     eval_iterator=eval_iter if eval_sources else None)
 
 
-def train(config, workdir: str) -> dict:
-    from alignjax.train.loop import train_loop
-    from alignjax.train.setup import build_run
-    run = build_run(config, workdir)
-    return train_loop(config, workdir, run, build(config, workdir, run))
+SPEC = AlgorithmSpec("sft", no_settings, slots, sums, abstract_batch, build)

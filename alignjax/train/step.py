@@ -1,9 +1,10 @@
-"""One optimizer step for any algorithm: gradient accumulation as a scan inside the jitted step.
+"""One optimizer update for any algorithm: gradient accumulation as a scan inside the jitted step.
 
-An algorithm supplies `sums_fn(params, micro_batch, *frozen) -> (objective_sum, sums)` where
-`sums["count"]` is what the objective is normalised by (target tokens for SFT, pairs for DPO).
-Gradients and sums are added over micro-batches and divided once by the step's total count, so
-4 micro-batches give exactly the update of one batch 4x the size.
+An algorithm supplies `sums_fn(params, micro_batch, frozen) -> (objective_sum, sums)`: `params` is
+the {slot: tree} dict of the trainable slots (gradients are taken w.r.t. all of it), `frozen` the
+{slot: tree} dict of the frozen ones, and `sums["count"]` what the objective is normalised by
+(target tokens for SFT, pairs for DPO). Gradients and sums are added over micro-batches and divided
+once by the step's total count, so 4 micro-batches give exactly the update of one batch 4x the size.
 """
 
 from __future__ import annotations
@@ -26,55 +27,66 @@ def split_microbatches(batch, num_micro: int):
     return jax.tree_util.tree_map(split, batch)
 
 
-def accumulate(sums_fn: Callable, params, batch, num_micro: int, *frozen):
+def accumulate(sums_fn: Callable, params, batch, num_micro: int, frozen: dict):
     """(grads_sum, sums) over the micro-batches of `batch` (unnormalised)."""
     grad_fn = jax.value_and_grad(sums_fn, has_aux=True)
     if num_micro == 1:
-        (objective, sums), grads = grad_fn(params, batch, *frozen)
+        (objective, sums), grads = grad_fn(params, batch, frozen)
         return grads, {**sums, "objective": objective}
     micro = split_microbatches(batch, num_micro)
 
     def body(acc, mb):
-        (objective, sums), grads = grad_fn(params, mb, *frozen)
+        (objective, sums), grads = grad_fn(params, mb, frozen)
         return jax.tree_util.tree_map(jnp.add, acc, (grads, {**sums, "objective": objective})), None
 
     first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    zeros = jax.tree_util.tree_map(
-        jnp.zeros_like, jax.eval_shape(lambda: (params, {**sums_fn(params, first, *frozen)[1],
-                                                          "objective": jnp.float32(0)})))
-    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params), zeros[1])
+    sums_shape = jax.eval_shape(lambda: {**sums_fn(params, first, frozen)[1], "objective": jnp.float32(0)})
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
+             jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
     (grads, sums), _ = jax.lax.scan(body, zeros, micro)
     return grads, sums
 
 
 def make_train_step(sums_fn: Callable, metrics_fn: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, num_micro: int = 1, ref_refresh: tuple = (0, 1.0)):
-    """step(state, batch, *frozen) -> (state, metrics); metrics_fn(sums) -> dict of scalars.
+                    schedules: dict, num_micro: int = 1, follows: dict | None = None):
+    """step(state, batch, frozen) -> (state, metrics); metrics_fn(sums) -> dict of scalars.
 
-    A state holding "ref_params" passes them to sums_fn before `frozen`; with
-    ref_refresh=(every, alpha), every `every` steps they become alpha * params + (1 - alpha) *
-    ref_params (TR-DPO).
+    `schedules`: {slot: lr schedule} of the trainable slots (the first is reported as `lr`, others
+    as `lr/<slot>`). `follows`: {frozen slot held in state["frozen"]: slots.Follow}; such a slot
+    is handed to sums_fn with the other frozen ones and moves toward its trainable slot every
+    `every` updates (TR-DPO's reference refresh).
     """
-    every, alpha = int(ref_refresh[0]), float(ref_refresh[1])
+    follows = follows or {}
 
-    def step(state, batch, *frozen):
-        if "ref_params" in state:
-            frozen = (state["ref_params"],) + frozen
-        grads, sums = accumulate(sums_fn, state["params"], batch, num_micro, *frozen)
+    def step(state, batch, frozen):
+        frozen = {**frozen, **state["frozen"]}
+        grads, sums = accumulate(sums_fn, state["params"], batch, num_micro, frozen)
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics_fn(sums), grad_norm=optax.tree.norm(grads),
-                       lr=schedule(state["step"]))
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
-        if "ref_params" in state and every > 0:
-            new_state["ref_params"] = jax.lax.cond(
-                new_state["step"] % every == 0, lambda: tree_lerp(alpha, params, state["ref_params"]),
-                lambda: state["ref_params"])
+        metrics = dict(metrics_fn(sums), grad_norm=optax.tree.norm(grads))
+        for i, (name, schedule) in enumerate(schedules.items()):
+            metrics["lr" if i == 0 else f"lr/{name}"] = schedule(state["step"])
+            if len(schedules) > 1:
+                metrics[f"grad_norm/{name}"] = optax.tree.norm(grads[name])
+        new_step = state["step"] + 1
+        moved = {name: _refresh(f, new_step, params[f.slot], state["frozen"][name])
+                 for name, f in follows.items()}
+        new_state = dict(state, step=new_step, params=params, opt_state=opt_state,
+                         frozen={**state["frozen"], **moved})
         return new_state, metrics
 
     return step
+
+
+def _refresh(follow, step, new, old):
+    """optax.periodic_update of the lerp, with the lerp inside the branch (no full-size temporary
+    on the steps that keep the old tree)."""
+    if follow.every <= 0:
+        return old
+    return jax.lax.cond(step % follow.every == 0, lambda: tree_lerp(follow.alpha, new, old),
+                        lambda: old)
 
 
 def tree_lerp(alpha, new, old):
@@ -83,10 +95,10 @@ def tree_lerp(alpha, new, old):
 
 
 def make_eval_step(sums_fn: Callable):
-    """eval(params, batch, *frozen) -> sums (add over batches, then apply the metrics_fn)."""
+    """eval(params, batch, frozen) -> sums (add over batches, then apply the metrics_fn)."""
 
-    def evaluate(params, batch, *frozen):
-        objective, sums = sums_fn(params, batch, *frozen)
+    def evaluate(params, batch, frozen):
+        objective, sums = sums_fn(params, batch, frozen)
         return {**sums, "objective": objective}
 
     return evaluate
