@@ -402,12 +402,34 @@ class SampleLog:
         os.replace(path + ".tmp", path)
 
 
+class ToyEval:
+    """Held-out greedy checker accuracy of the policy on the toy suite (alignjax.eval.toy), every
+    `every` steps and at step 1. The producer runs before its step's updates, so the value
+    logged at step s is the model after s - 1 steps (step 1: the starting model)."""
+
+    def __init__(self, roller, every: int, n: int = 200):
+        from alignjax.model.generate import Generator
+        self.every, self.n, self.roller = every, n, roller
+        self.generator = Generator(roller.policy_module, roller.mesh, roller.rules,
+                                   eos_ids=roller.eos_ids, pad_id=roller.pad_id)
+
+    def __call__(self, step: int, policy_params) -> dict:
+        from alignjax.eval.toy import toy_accuracy
+        if not self.every or (step != 1 and step % self.every):
+            return {}
+        r = self.roller
+        acc = toy_accuracy(r.policy_module, policy_params, r.mesh, r.rules, r.tokenizer, n=self.n,
+                           generator=self.generator)
+        return {"eval/toy_accuracy": acc["accuracy"]}
+
+
 class Producer:
     """(state, frozen, step, rng) -> (process-local update batch, rollout metrics)."""
 
     def __init__(self, roller, settings: PPOSettings, host: HostState,
-                 samples: Optional[SampleLog] = None):
+                 samples: Optional[SampleLog] = None, toy_eval: Optional[ToyEval] = None):
         self.roller, self.s, self.host, self.samples = roller, settings, host, samples
+        self.toy_eval = toy_eval
 
     def __call__(self, state, frozen, step: int, rng=None):
         s = self.s
@@ -429,6 +451,8 @@ class Producer:
                         "episode": float(step * s.rows)})
         if self.samples is not None:
             self.samples(int(step), info, adv["scores"])
+        if self.toy_eval is not None:
+            metrics.update(self.toy_eval(int(step), state["params"]["policy"]))
         return update_batch(batch, adv, s, kl_coef), metrics
 
 
@@ -485,8 +509,10 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
                     reward=reward, value_module=modules["value"], ref_module=modules["reference"])
     host = HostState(KLController(s.kl_coef, s.kl_target, s.kl_horizon), prompts)
     sums_fn, mfn = sums(config, s, modules)
-    samples = SampleLog(workdir, int(config.train.get("eval_every", 0) or 0))
-    return Algorithm("ppo", sums_fn, mfn, producer=Producer(roller, s, host, samples),
+    every = int(config.train.get("eval_every", 0) or 0)
+    toy_eval = ToyEval(roller, every) if s.prompts == "toy" and every else None
+    return Algorithm("ppo", sums_fn, mfn,
+                     producer=Producer(roller, s, host, SampleLog(workdir, every), toy_eval),
                      epochs=s.epochs, num_minibatches=s.num_minibatches, host_state=host)
 
 
