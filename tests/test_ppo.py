@@ -236,3 +236,22 @@ def test_update_is_the_same_on_different_meshes(models):
     for other in out[1:]:
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                                out[0], other)
+
+
+def test_value_model_from_a_reward_model_with_another_backbone_is_refused(tmp_path):
+    import json
+    from alignjax.model.store import MODEL_FILE
+    for name, layers, head in (("sft", 4, "lm"), ("rm", 2, "scalar")):
+        cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / MODEL_FILE).write_text(json.dumps(
+            {"format": 1, "head": head, "model": cfg.to_json_dict()}))
+    c = _config(reward=str(tmp_path / "rm"))
+    c.model = ConfigDict(dict(init_from=str(tmp_path / "sft")))
+    s = ppo.settings_from_config(c)
+    with pytest.raises(ConfigError, match=r"^ppo.value_init: the value model would start from the "
+                       r"reward model .*/rm, whose backbone does not match the policy's "
+                       r"\(num_hidden_layers 2 vs 4\); use ppo.value_init=policy"):
+        ppo.value_source(c, s)
+    assert ppo.value_source(c, dataclasses.replace(s, value_init="policy")) == (str(tmp_path / "sft"), True)

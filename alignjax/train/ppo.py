@@ -77,7 +77,7 @@ class PPOSettings:
     whiten_advantages: bool = True
     # models
     value_init: str = "auto"             # auto | reward | policy (zero-initialised scalar head)
-    ref_dtype: str = "float32"
+    ref_dtype: str = "float32"           # the frozen models: reference and reward models
     # from the shared keys, not ppo.*:
     rows: int = 64                       # train.batch_size: responses per rollout (loop step)
     grad_accum_steps: int = 1            # train.grad_accum_steps: micro-batches per minibatch
@@ -475,8 +475,41 @@ def value_source(config, s: PPOSettings) -> tuple[str, bool]:
         if not rms:
             raise ConfigError(f"ppo.value_init=reward: ppo.reward={s.reward!r} holds no reward "
                               "model to start the value model from; use ppo.value_init=policy")
+        check_value_backbone(rms[0], str(config.model.init_from))
         return rms[0], False
     return str(config.model.init_from), True
+
+
+BACKBONE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _architecture(path: str):
+    """A model directory's LlamaConfig, from its metadata only (no weights read)."""
+    import os
+    from alignjax.model.config import LlamaConfig
+    from alignjax.model.store import MODEL_FILE, path_kind
+    if path_kind(path) == "hf":
+        return LlamaConfig.from_hf_dir(path)
+    with open(os.path.join(path, MODEL_FILE)) as f:
+        return LlamaConfig.from_json_dict(json.load(f)["model"])
+
+
+def check_value_backbone(reward_path: str, policy_path: str) -> None:
+    """The value model starts from the reward model and reads the policy's tokens, so both need
+    the policy's backbone; checked from metadata before anything loads (paths that do not exist
+    yet are reported where they are read)."""
+    import os
+    if not (reward_path and policy_path and os.path.isdir(reward_path) and os.path.isdir(policy_path)):
+        return
+    rm, pol = _architecture(reward_path), _architecture(policy_path)
+    diff = [f"{k} {getattr(rm, k)} vs {getattr(pol, k)}" for k in BACKBONE_KEYS
+            if getattr(rm, k) != getattr(pol, k)]
+    if diff:
+        raise ConfigError(f"ppo.value_init: the value model would start from the reward model "
+                          f"{reward_path}, whose backbone does not match the policy's "
+                          f"({', '.join(diff)}); use ppo.value_init=policy (a zero-initialised "
+                          "value head on the policy)")
 
 
 def slots(config, s: PPOSettings) -> list:
@@ -501,7 +534,8 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
     from alignjax.train.rollout import Roller, encode_chat_prompts
     reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
                           normalize=s.reward_normalize, what="ppo.reward",
-                          seq_len=s.max_prompt_len + s.max_new_tokens + 1)
+                          seq_len=s.max_prompt_len + s.max_new_tokens + 1,
+                          runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
     check_mesh(s, run.mesh, run.rules)
     prompts = PromptStream(read_prompts(s.prompts), lambda t: encode_chat_prompts(run.tokenizer, t),
                            s.seed, s.max_prompt_len)
