@@ -34,6 +34,7 @@ from alignjax.errors import UserError
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import sums_to_means
+from alignjax.train.registry import AlgorithmSpec
 from alignjax.train.rollout import RolloutSettings, response_token_stats, response_values
 
 KL_PLACES = ("reward", "loss")
@@ -563,13 +564,4 @@ def check_mesh(s: PPOSettings, mesh, rules) -> None:
             f"multiple of {n}")
 
 
-def _spec():
-    from alignjax.train.registry import AlgorithmSpec
-    return AlgorithmSpec("ppo", settings, slots, sums, abstract_batch, build)
-
-
-def __getattr__(name):  # SPEC on first use: the registry may not exist in older checkouts
-    if name == "SPEC":
-        return _spec()
-    raise AttributeError(name)
-
+SPEC = AlgorithmSpec("ppo", settings, slots, sums, abstract_batch, build)

@@ -25,7 +25,8 @@ from typing import Any, Callable, Optional
 from alignjax.model.config import ConfigError
 
 # name -> module defining SPEC (add a line here to register an algorithm)
-MODULES = {"sft": "alignjax.train.sft", "reward": "alignjax.train.reward", "dpo": "alignjax.train.dpo"}
+MODULES = {"sft": "alignjax.train.sft", "reward": "alignjax.train.reward", "dpo": "alignjax.train.dpo",
+           "ppo": "alignjax.train.ppo"}
 
 
 @dataclasses.dataclass(frozen=True)
