@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from alignjax.data.formatting import FORMATS, TRUNCATIONS
 from alignjax.errors import UserError
 from alignjax.model.config import SUPPORTED_ROPE_TYPES, ConfigError
 
@@ -58,16 +59,16 @@ ConfigDict = ml_collections.ConfigDict
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ("cosine", "linear", "constant")
 PACKINGS = ("pack", "pad")
-FORMATS = ("auto", "text", "prompt_completion", "messages")
-TRUNCATIONS = ("truncate_left_prompt", "truncate_right", "drop")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-# Keys whose change makes a checkpoint unusable (shapes or semantics of the weights).
-ARCHITECTURE_KEYS = ("algorithm", "model.vocab_size", "model.hidden_size",
-                     "model.intermediate_size", "model.num_hidden_layers",
-                     "model.num_attention_heads", "model.num_key_value_heads", "model.head_dim",
-                     "model.rope_theta", "model.rope_scaling", "model.tie_word_embeddings",
-                     "model.rms_norm_eps")
+# The model.* fields that define a Llama architecture (a model built from the config).
+ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+             "rope_theta", "rope_scaling", "tie_word_embeddings", "rms_norm_eps")
+# Keys whose change makes a checkpoint unusable (shapes or semantics of the weights); the
+# context length may change on resume.
+ARCHITECTURE_KEYS = ("algorithm",) + tuple(f"model.{k}" for k in ARCH_KEYS
+                                          if k != "max_position_embeddings")
 
 
 class _Missing:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from alignjax.config import SCHEDULES
 from alignjax.model.config import ConfigError
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(opt, total_steps: int) -> optax.Schedule:

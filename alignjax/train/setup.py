@@ -13,12 +13,10 @@ from typing import Any, Optional
 import jax
 
 from alignjax import sharding as shd
+from alignjax.config import ARCH_KEYS
 from alignjax.model.config import ConfigError, LlamaConfig
 from alignjax.model.params import build_module
 
-ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-             "rope_theta", "rope_scaling", "tie_word_embeddings", "rms_norm_eps")
 RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
