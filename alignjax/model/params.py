@@ -47,7 +47,3 @@ def init_params(module: Llama, rng, mesh: Mesh, rules=shd.DEFAULT_RULES):
 
     # No mesh context here: flax would apply per-layer constraints inside the scanned init.
     return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def logical_axes(module: Llama):
-    return shd.logical_axes_tree(boxed_abstract(module))
