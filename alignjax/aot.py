@@ -227,17 +227,19 @@ def _prepare_libtpu_env(spec: TopologySpec):
 
 
 @functools.lru_cache(maxsize=None)
-def _devices_for(libtpu_name: str, chip_config: str, host_bounds: tuple | None):
+def _devices_for(libtpu_name: str, chip_config: str, host_bounds: tuple | None, num_slices: int = 1):
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": chip_config}
     if host_bounds:
         kwargs["chips_per_host_bounds"] = host_bounds
+    if num_slices > 1:  # multislice: each device knows its slice_index
+        kwargs["num_slices"] = num_slices
     return tuple(topologies.get_topology_desc(libtpu_name, "tpu", **kwargs).devices)
 
 
-def topology_devices(spec: TopologySpec | str) -> list:
-    """Compile-only TPU devices of the slice (one per chip), in libtpu's order."""
+def topology_devices(spec: TopologySpec | str, num_slices: int = 1) -> list:
+    """Compile-only TPU devices of `num_slices` such slices (one per chip), in libtpu's order."""
     spec = parse_topology(spec)
     if not libtpu_available():
         raise UserError(f"AOT compilation for {spec.name} needs the TPU compiler: "
@@ -246,33 +248,30 @@ def topology_devices(spec: TopologySpec | str) -> list:
     # A slice smaller than one 2x2x1 host (v5e-1, v6e-1) needs explicit host bounds.
     host_bounds = (1, 1, 1) if spec.chips == 1 else None
     try:
-        devices = _devices_for(spec.libtpu_name, TOPOLOGIES[spec.generation].chip_config, host_bounds)
+        devices = _devices_for(spec.libtpu_name, TOPOLOGIES[spec.generation].chip_config, host_bounds,
+                               num_slices)
     except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
         raise UserError(f"libtpu rejected topology {spec.name} ({spec.libtpu_name}): {e}") from e
-    if len(devices) != spec.chips:
-        raise UserError(f"libtpu made {len(devices)} devices for {spec.name}, expected {spec.chips}")
+    if len(devices) != spec.chips * num_slices:
+        raise UserError(f"libtpu made {len(devices)} devices for {num_slices} x {spec.name}, "
+                        f"expected {spec.chips * num_slices}")
     return list(devices)
 
 
 def topology_mesh(spec: TopologySpec | str, mesh_sizes: Mapping[str, int] | None = None) -> Mesh:
     """A (data, fsdp, tensor) Mesh over the slice's compile-only devices; -1 takes the rest.
 
-    Physical placement follows mesh_utils (the fsdp/tensor rings follow the torus) where it can;
-    shapes it cannot map fall back to a split of physical axes, then to libtpu's device order.
+    mesh.dcn_* sizes in `mesh_sizes` ask for several slices (multislice): their product is the
+    number of slices, each of `spec`'s size. Physical placement follows mesh_utils (the fsdp/tensor
+    rings follow the torus) where it can; shapes it cannot map fall back to a split of physical
+    axes, then to libtpu's device order.
     """
-    from jax.experimental import mesh_utils
-
-    devices = topology_devices(spec)
-    shape = shd.mesh_shape(mesh_sizes or {"fsdp": -1}, len(devices))
-    dims = tuple(shape[a] for a in shd.MESH_AXES)
-    try:
-        arr = mesh_utils.create_device_mesh(dims, devices)
-    except Exception:
-        try:
-            arr = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
-        except Exception:
-            arr = np.asarray(devices, dtype=object).reshape(dims)
-    return Mesh(arr, shd.MESH_AXES)
+    spec = parse_topology(spec)
+    sizes = dict(mesh_sizes or {"fsdp": -1})
+    num_slices = math.prod(int(sizes.get(a, 1)) for a in shd.DCN_AXES)
+    devices = topology_devices(spec, num_slices)
+    ici, dcn = shd.mesh_plan(sizes, len(devices))
+    return Mesh(shd.device_grid(devices, ici, dcn, allow_split_physical_axes=True), shd.MESH_AXES)
 
 
 # ---- compiling and reporting ---------------------------------------------------------------
@@ -497,8 +496,9 @@ def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None
     n = _num_devices(compiled, abstract_args, spec.chips)
     flops = matmul_flops(traced.jaxpr)
     total = memory["total_bytes_per_chip"]
+    slices = max(1, n // spec.chips)
     return CompileReport(
-        topology=spec.name, num_devices=n, **memory, hbm_bytes_per_chip=spec.hbm_bytes_per_chip,
+        topology=spec.name if slices == 1 else f"{slices} x {spec.name} (multislice)", num_devices=n, **memory, hbm_bytes_per_chip=spec.hbm_bytes_per_chip,
         flops_per_step=flops, flops_per_chip=flops / n,
         xla_flops_per_chip=float(cost.get("flops", 0.0)),
         bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 
@@ -136,12 +137,28 @@ def cmd_compile(args):
     from alignjax.train.registry import validate_config
     config = _config(args)
     spec = aot.parse_topology(args.topology)
-    validate_config(config, spec.chips)
+    _apply_num_slices(config, args.num_slices)
+    validate_config(config, spec.chips * args.num_slices)
     report = compile_train_step(config, args.topology,
                                 progress=lambda m: print(f"compile: {m}", file=sys.stderr, flush=True))
     print(aot.format_report(report))
     if not report.fits:
         sys.exit(1)
+
+
+def _apply_num_slices(config, num_slices: int):
+    """--num-slices N: data parallelism across N slices unless the config's mesh.dcn_* say how."""
+    from alignjax.errors import UserError
+    from alignjax.sharding import DCN_AXES
+    if num_slices < 1:
+        raise UserError(f"--num-slices {num_slices}: must be >= 1")
+    dcn = {a: int(config.mesh.get(a, 1)) for a in DCN_AXES}
+    if math.prod(dcn.values()) == 1:
+        config.mesh.dcn_data = num_slices
+    elif math.prod(dcn.values()) != num_slices:
+        raise UserError(f"--num-slices {num_slices} but the config's mesh.dcn_* sizes "
+                        f"({', '.join(f'{k}={v}' for k, v in dcn.items())}) make "
+                        f"{math.prod(dcn.values())} slices; make them agree")
 
 
 def cmd_score(args):
@@ -347,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the step does not fit in HBM.")
     p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]")
     p.add_argument("--topology", required=True, help="Cloud TPU name, e.g. v5p-64, v5e-256, v6e-8")
+    p.add_argument("--num-slices", type=int, default=1, metavar="N",
+                   help="multislice: N such slices joined by the data-center network (data "
+                        "parallel across slices unless the config sets mesh.dcn_*)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("score", help="print the reward of (prompt, response) pairs",

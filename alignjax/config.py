@@ -371,11 +371,16 @@ def _table_errors(config: ConfigDict, table: dict) -> list:
 
 
 def _mesh(config: ConfigDict, num_devices: int) -> tuple[dict | None, list]:
-    from alignjax.sharding import MESH_AXES, mesh_shape  # imports jax: only when validating
+    from alignjax.sharding import DCN_AXES, MESH_AXES, mesh_shape  # imports jax: only when validating
 
     sizes = {a: _get(config, f"mesh.{a}") for a in MESH_AXES}
     bad = [f"mesh.{a}={v!r}: must be a positive integer or -1 (the rest of the devices)"
            for a, v in sizes.items() if not (_is_int(v) and (v >= 1 or v == -1))]
+    dcn = {a: _get(config, f"mesh.{a}") for a in DCN_AXES}
+    dcn = {a: 1 if v is MISSING else v for a, v in dcn.items()}  # configs saved before multislice
+    bad += [f"mesh.{a}={v!r}: must be a positive integer (a number of slices)"
+            for a, v in dcn.items() if not (_is_int(v) and v >= 1)]
+    sizes.update(dcn)
     if bad:
         return None, bad
     try:

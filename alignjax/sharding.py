@@ -40,27 +40,85 @@ class ShardingError(UserError):
     """A parallelism setting that cannot work; the message says which config key to change."""
 
 
-def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict:
-    """Resolves mesh sizes; one axis may be -1 and takes what is left of the devices."""
-    unknown = set(sizes) - set(MESH_AXES)
+DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)  # multislice: how many slices each axis spans
+
+
+def mesh_plan(sizes: Mapping[str, int], num_devices: int) -> tuple[dict, dict]:
+    """(per-slice ICI sizes, DCN sizes) of a mesh: every axis spans `ici * dcn` devices.
+
+    `mesh.dcn_data=2` (MaxText's dcn_data_parallelism) lays the data axis over two slices joined
+    by the data-center network; mesh.data/fsdp/tensor stay the sizes inside one slice, and one of
+    them may be -1 (the rest of a slice's devices). Without dcn_* keys there is one slice.
+    """
+    unknown = set(sizes) - set(MESH_AXES) - set(DCN_AXES)
     if unknown:
-        raise ShardingError(f"mesh: unknown axes {sorted(unknown)}; use {MESH_AXES}")
-    shape = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-    fill = [a for a, s in shape.items() if s == -1]
+        raise ShardingError(f"mesh: unknown axes {sorted(unknown)}; use {MESH_AXES} "
+                            f"(and {DCN_AXES} for multislice)")
+    dcn = {a: int(sizes.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+    bad = [f"mesh.dcn_{a}={v}" for a, v in dcn.items() if v < 1]
+    if bad:
+        raise ShardingError(f"mesh: {', '.join(bad)}: a dcn_* size is a number of slices (>= 1)")
+    slices = math.prod(dcn.values())
+    if num_devices % slices:
+        raise ShardingError(f"mesh: {num_devices} devices do not split into {slices} slices "
+                            f"(mesh.dcn_data*dcn_fsdp*dcn_tensor); change the mesh.dcn_* sizes")
+    per_slice = num_devices // slices
+    ici = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    fill = [a for a, s in ici.items() if s == -1]
     if len(fill) > 1:
         raise ShardingError(f"mesh: only one axis may be -1, got {fill}")
-    fixed = math.prod(s for s in shape.values() if s != -1)
+    fixed = math.prod(s for s in ici.values() if s != -1)
+    where = f"{per_slice} devices per slice ({slices} slices)" if slices > 1 else f"{num_devices} devices"
     if fill:
-        if num_devices % fixed:
-            raise ShardingError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+        if per_slice % fixed:
+            raise ShardingError(f"mesh: {where} are not divisible by the fixed axes "
                                 f"(product {fixed}); change mesh.{'/mesh.'.join(MESH_AXES)}")
-        shape[fill[0]] = num_devices // fixed
-    if math.prod(shape.values()) != num_devices:
+        ici[fill[0]] = per_slice // fixed
+    if math.prod(ici.values()) != per_slice:
+        available = (f"{per_slice} devices are in each of {slices} slices" if slices > 1 else
+                     f"{num_devices} devices are available{_over_processes()}")
         raise ShardingError(
-            f"mesh: data*fsdp*tensor = {math.prod(shape.values())} but {num_devices} devices are "
-            f"available{_over_processes()}; set mesh.data/mesh.fsdp/mesh.tensor (config) or --mesh "
-            "(model commands) so the product matches, or use -1 for one axis")
-    return shape
+            f"mesh: data*fsdp*tensor = {math.prod(ici.values())} but {available}; set "
+            "mesh.data/mesh.fsdp/mesh.tensor (config) or --mesh (model commands) so the product "
+            "matches, or use -1 for one axis")
+    return ici, dcn
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict:
+    """Each axis' total size (ICI x DCN); one axis may be -1 and takes what is left of the devices."""
+    ici, dcn = mesh_plan(sizes, num_devices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def device_grid(devices: Sequence, ici: Mapping[str, int], dcn: Mapping[str, int],
+                allow_split_physical_axes: bool = False) -> np.ndarray:
+    """Devices arranged as a (data, fsdp, tensor) array: each axis is dcn slices x ici devices.
+
+    One slice: mesh_utils' physical placement (rings follow the torus), else a plain reshape
+    (CPU, uncommon shapes). Several: mesh_utils.create_hybrid_device_mesh on devices that know
+    their slice; devices that do not (CPU) take consecutive blocks as slices, process by process.
+    """
+    from jax.experimental import mesh_utils
+    ici_dims, dcn_dims = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+    slices = math.prod(dcn_dims)
+    if slices == 1:
+        for split in (False, True) if allow_split_physical_axes else (False,):
+            try:
+                return mesh_utils.create_device_mesh(ici_dims, devices,
+                                                     allow_split_physical_axes=split)
+            except Exception:  # CPU / uncommon topologies: plain reshape is fine
+                pass
+        return np.asarray(devices, dtype=object).reshape(ici_dims)
+    found = {getattr(d, "slice_index", None) for d in devices}
+    if None not in found:
+        if len(found) != slices:
+            raise ShardingError(f"mesh: the mesh.dcn_* sizes ask for {slices} slices, but the "
+                                f"devices are on {len(found)}; change mesh.dcn_data/dcn_fsdp/dcn_tensor")
+        return mesh_utils.create_hybrid_device_mesh(ici_dims, dcn_dims, devices,
+                                                    allow_split_physical_axes=allow_split_physical_axes)
+    blocks = np.asarray(devices, dtype=object).reshape(dcn_dims + ici_dims)
+    # (dcn_d, dcn_f, dcn_t, ici_d, ici_f, ici_t) -> (dcn_d, ici_d, dcn_f, ici_f, ...) -> totals
+    return blocks.transpose(0, 3, 1, 4, 2, 5).reshape([i * d for i, d in zip(ici_dims, dcn_dims)])
 
 
 def _over_processes() -> str:
@@ -69,15 +127,11 @@ def _over_processes() -> str:
 
 
 def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; default is pure data parallelism over all devices."""
+    """A (data, fsdp, tensor) mesh; default is pure data parallelism over all devices. `sizes`
+    may hold mesh.dcn_* sizes (multislice, see mesh_plan)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(sizes or {"data": -1}, len(devices))
-    dims = tuple(shape[a] for a in MESH_AXES)
-    try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(dims, devices)
-    except Exception:  # CPU / uncommon topologies: plain reshape is fine
-        arr = np.asarray(devices).reshape(dims)
-    return Mesh(arr, MESH_AXES)
+    ici, dcn = mesh_plan(sizes or {"data": -1}, len(devices))
+    return Mesh(device_grid(devices, ici, dcn), MESH_AXES)
 
 
 def rules_from_config(rules) -> tuple:

@@ -57,7 +57,9 @@ def base_config() -> ConfigDict:
     d.skip_invalid = False
 
     # Device mesh; one axis may be -1 (= the remaining devices). Batches split over data*fsdp.
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Multislice: dcn_* = how many slices (joined by the data-center network) an axis spans; the
+    # sizes above are then per slice. E.g. dcn_data=2: data parallelism across two pods.
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     c.sharding = ConfigDict()
     # None = alignjax.sharding.DEFAULT_RULES; else ((logical axis, mesh axes or None), ...).
     c.sharding.rules = None
