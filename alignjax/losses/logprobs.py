@@ -117,3 +117,8 @@ def sequence_logps(logps_bt: jax.Array, mask_bt: jax.Array) -> tuple[jax.Array, 
     count_b = jnp.sum(mask_bt, axis=-1)
     mean_b = sum_b / jnp.maximum(count_b, 1.0)
     return sum_b, count_b, mean_b
+
+
+def weighted_mean(x_b: jax.Array, w_b: jax.Array) -> jax.Array:
+    """sum(x w) / sum(w): a batch mean where filler rows (w = 0) count for nothing."""
+    return jnp.sum(x_b * w_b) / jnp.maximum(jnp.sum(w_b), 1e-12)

@@ -18,6 +18,8 @@ from typing import Callable, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from alignjax.losses.logprobs import weighted_mean as _wmean
+
 log_sigmoid = jax.nn.log_sigmoid
 
 
@@ -273,10 +275,6 @@ def _parse(loss_type: LossSpec) -> list[tuple[str, float]]:
             valid = ", ".join(sorted(PAIR_LOSSES))
             raise ValueError(f"unknown preference loss {name!r}; valid: {valid}")
     return terms
-
-
-def _wmean(x_b: jax.Array, w_b: jax.Array) -> jax.Array:
-    return jnp.sum(x_b * w_b) / jnp.maximum(jnp.sum(w_b), 1e-12)
 
 
 def preference_loss(

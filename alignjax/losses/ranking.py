@@ -11,9 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def _wmean(x_b: jax.Array, w_b: jax.Array) -> jax.Array:
-    return jnp.sum(x_b * w_b) / jnp.maximum(jnp.sum(w_b), 1e-12)
+from alignjax.losses.logprobs import weighted_mean as _wmean
 
 
 def _avg_logps(logps_bk, lengths_bk, valid_bk):

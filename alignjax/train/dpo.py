@@ -28,7 +28,7 @@ from alignjax.losses.preference import PAIR_LOSSES, REFERENCE_FREE, PairLogps, P
 from alignjax.losses.ranking import kto_loss, pro_loss, rrhf_loss
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import (abstract_grouped_batch, example_weights, means_to_sums,
-                                    sequence_logps, sums_to_means)
+                                    group_logps, sums_to_means)
 from alignjax.train.registry import AlgorithmSpec
 from alignjax.train.slots import Follow, Slot
 
@@ -139,7 +139,7 @@ def make_sums_fn(module, ref_module, s: DPOSettings):
     terms, kind, hp = s.terms, s.kind, s.hparams
 
     def sums_fn(params, batch, frozen=None):
-        logps, lens = sequence_logps(module, params["policy"], batch)
+        logps, lens = group_logps(module, params["policy"], batch)
         w = example_weights(batch)
         if not s.needs_reference:
             ref_logps = None
@@ -147,7 +147,7 @@ def make_sums_fn(module, ref_module, s: DPOSettings):
             ref_logps = batch["ref_logps"]
         else:
             ref_logps = jax.lax.stop_gradient(
-                sequence_logps(ref_module, frozen["reference"], batch)[0])
+                group_logps(ref_module, frozen["reference"], batch)[0])
         if kind == "pair":
             x = PairLogps(logps[:, 0], logps[:, 1], lens[:, 0], lens[:, 1],
                           *((ref_logps[:, 0], ref_logps[:, 1]) if ref_logps is not None else ()))
@@ -272,7 +272,7 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
                                        seq_len=int(config.data.seq_len),
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count())
-    fn = jax.jit(lambda p, b: sequence_logps(ref_module, p, b)[0])
+    fn = jax.jit(lambda p, b: group_logps(ref_module, p, b)[0])
     rows = {}
     with shd.mesh_context(run.mesh, run.rules):
         for batch in it:

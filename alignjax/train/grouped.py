@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from alignjax.losses.logprobs import token_logps
+from alignjax.losses.logprobs import sequence_logps, token_logps
 from alignjax.model.llama import head_kernel
 
 SEQ_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
@@ -20,17 +20,16 @@ def flatten_groups(batch: dict) -> dict:
     return {k: batch[k].reshape((-1,) + batch[k].shape[2:]) for k in SEQ_KEYS}
 
 
-def sequence_logps(module, params, batch: dict, chunk_size: int = 512, temperature: float = 1.0):
+def group_logps(module, params, batch: dict, chunk_size: int = 512, temperature: float = 1.0):
     """(sum of response-token log-probs [B, K], response lengths [B, K]) in float32."""
     flat = flatten_groups(batch)
     hidden, _ = module.apply(params, flat["tokens"], flat["positions"], flat["segment_ids"],
                              output="hidden")
     logps_nt, _ = token_logps(hidden, head_kernel(params, module.config), flat["targets"],
                               temperature=temperature, chunk_size=chunk_size)
-    mask = flat["loss_mask"].astype(jnp.float32)
+    sums, lens, _ = sequence_logps(logps_nt, flat["loss_mask"])
     b, k = batch["tokens"].shape[:2]
-    sums = jnp.sum(jnp.where(mask > 0, logps_nt, 0.0) * mask, axis=-1)
-    return sums.reshape(b, k), jnp.sum(mask, axis=-1).reshape(b, k)
+    return sums.reshape(b, k), lens.reshape(b, k)
 
 
 def last_token_index(segment_ids_nt):
