@@ -1,6 +1,6 @@
 """Supervised fine-tuning (SFT) config and presets.
 
-    alignjax train configs/sft.py:tiny --config.optimizer.lr=3e-3
+    alignjax train --config configs/sft.py:tiny --workdir runs/sft --config.optimizer.lr=3e-3
 
 Presets: tiny (CPU smoke test on the toy suite), small (a ~10M model, toy suite, CPU/GPU),
 llama2_7b, llama3_8b, llama3_70b (the real architectures; meshes sized for TPU pods, e.g.
@@ -40,6 +40,7 @@ def base_config() -> ConfigDict:
     c.tokenizer = ConfigDict()
     # "" = the tokenizer stored with model.init_from; "toy" = train a small one on the toy suite.
     c.tokenizer.path = ""
+    c.tokenizer.vocab_size = 512  # tokenizer.path="toy" only: the size of the BPE vocab trained
 
     c.data = d = ConfigDict()
     d.train = ""  # comma-separated: a.jsonl, b.parquet, a load_from_disk dir, hf://name, or toy
@@ -51,6 +52,10 @@ def base_config() -> ConfigDict:
     d.seq_len = 4096
     d.shuffle_seed = 0
     d.prefetch_batches = 2  # batches assembled ahead in a thread, overlapping the step (0 = off)
+    d.read_threads = 4  # threads reading and tokenising records, per process
+    d.prefetch = 64  # records read ahead, per process
+    d.worker_count = 0  # grain worker processes assembling batches (0 = in the training process)
+    d.pack_bins = 0  # packing: rows filled at once (0 = twice the per-process batch size)
     d.cache_mb = 512  # tokenised examples kept per process, so later epochs skip the tokenizer (0 = off)
     # Every record is checked before the first step; bad ones stop the run with a list of them,
     # or with skip_invalid=True are left out and counted.

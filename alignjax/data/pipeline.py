@@ -17,7 +17,7 @@ consumer by the prefetch buffer, and they are not part of the iterator state.
 
 Config keys (dict or ConfigDict; others ignored): ``format`` (auto|text|prompt_completion|
 messages), ``packing`` (pack|pad), ``truncation`` (truncate_left_prompt|truncate_right|drop),
-``completion_only_loss`` (True), ``pack_bins`` (rows packed at once, default 2 x batch_size),
+``completion_only_loss`` (True), ``pack_bins`` (rows packed at once; 0 = 2 x batch_size),
 ``read_threads`` (4), ``prefetch`` (64 records), ``prefetch_batches`` (2: batches assembled
 ahead of the training step by a background thread, so tokenising and packing overlap the step;
 0 = off), ``cache_mb`` (512: tokenised examples are kept per process, up to this many MB, so
@@ -250,7 +250,7 @@ def make_sft_dataset(
                 .filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))
     if mode == "pack":
-        bins = int(_get(cfg, "pack_bins", 2 * batch_size))
+        bins = int(_get(cfg, "pack_bins", 0)) or 2 * batch_size
         rows = packing.pack_rows(examples, seq_len, pad_id, num_bins=bins, seed=seed)
     else:
         rows = examples.map(functools.partial(packing.pad_row, seq_len=seq_len, pad_id=pad_id))

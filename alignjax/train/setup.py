@@ -67,8 +67,8 @@ def tokenizer_for(config, workdir: str):
         from alignjax.data import toy
         from alignjax.data.tokenizer import train_bpe_tokenizer
         examples = toy.make_examples(4000, seed=12345)
-        tok = train_bpe_tokenizer(list(toy.all_texts(examples)), vocab_size=int(
-            config.tokenizer.get("vocab_size", 512) or 512))
+        tok = train_bpe_tokenizer(list(toy.all_texts(examples)),
+                                  vocab_size=int(config.tokenizer.vocab_size))
     elif path:
         tok = load_tokenizer(path)
     elif config.model.get("init_from"):
