@@ -56,6 +56,7 @@ def get_config(preset: str | None = None):
         value_init="auto",          # auto | reward | policy
         ref_dtype="bfloat16" if preset not in ("tiny", "small") else "float32",
     )
+    c.tokenizer.path = ""  # the policy's own (model.init_from): PPO always starts from a model
     c.data.eval = ""  # data.train: the prompts
     c.optimizer.update(lr=3e-6, b2=0.999, eps=1e-5, weight_decay=0.0, schedule="linear",
                        warmup_steps=0, min_lr_ratio=0.0, grad_clip=1.0)

@@ -464,7 +464,11 @@ def settings(config) -> PPOSettings:
 
 
 def reward_model_paths(s: PPOSettings) -> list:
+    """The reward-model directories of ppo.reward ([] while it is still empty: the big presets
+    leave it to the user, and `alignjax compile` does not need it)."""
     from alignjax.rewards import parse_spec
+    if not s.reward.strip():
+        return []
     return [t.target for t in parse_spec(s.reward, "ppo.reward") if t.kind == "model"]
 
 
