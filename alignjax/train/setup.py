@@ -21,7 +21,7 @@ RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def rules(config) -> tuple:
-    return shd.rules_from_config(config.get("sharding", {}).get("rules"))
+    return shd.rules_from_config(config.sharding.rules)
 
 
 def runtime_overrides(config) -> dict:
@@ -31,7 +31,7 @@ def runtime_overrides(config) -> dict:
 def model_config(config, tokenizer=None) -> LlamaConfig:
     """The architecture: from `model.init_from` when set, else from the config's model fields."""
     m = config.model
-    if m.get("init_from"):
+    if m.init_from:
         from alignjax.model.store import path_kind, MODEL_FILE
         path = m.init_from
         if path_kind(path) == "hf":
@@ -71,7 +71,7 @@ def tokenizer_for(config, workdir: str):
                                   vocab_size=int(config.tokenizer.vocab_size))
     elif path:
         tok = load_tokenizer(path)
-    elif config.model.get("init_from"):
+    elif config.model.init_from:
         from alignjax.model.store import path_kind
         base = config.model.init_from
         tok = load_tokenizer(os.path.join(base, "tokenizer") if path_kind(base) == "alignjax" else base)
@@ -148,7 +148,7 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
             _, check, _, _ = _setup(source, tokenizer, data_cfg, kind, 1, seq_len, 0, 1)
             check.skip_invalid, check.stats = False, stats  # report bad records, never skip here
             return check
-    out = validate.validated_sources(specs, make_check, bool(data_cfg.get("skip_invalid", False)),
+    out = validate.validated_sources(specs, make_check, bool(data_cfg.skip_invalid),
                                      what, trusted)
     if len(trusted) < len(specs):
         print(validate.describe_counts(stats.as_dict(), what, seq_len), file=sys.stderr)
