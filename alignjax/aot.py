@@ -173,41 +173,6 @@ def parse_topology(name: str | TopologySpec) -> TopologySpec:
                         gen.hbm_bytes_per_chip, gen.peak_bf16_flops_per_chip)
 
 
-# ---- peak FLOP/s by jax device_kind (for MFU) ----------------------------------------------
-
-# Dense bf16 peak per device (per chip on TPU: v4/v5p run as one megacore device per chip).
-PEAK_FLOPS: dict[str, float] = {
-    "v4": 275e12,
-    "v5p": 459e12,
-    "v5e": 197e12,
-    "v6e": 918e12,
-    "H100 SXM": 989e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "A100": 312e12,
-}
-
-# Ordered: the first substring match of the lower-cased device_kind wins ("tpu v5 lite" before
-# "tpu v5"; compile-only v5p devices call themselves "TPU v5").
-_KIND_PATTERNS = (
-    ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
-    ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"),
-    ("tpu v5p", "v5p"), ("tpu v5", "v5p"),
-    ("tpu v4 lite", None), ("tpu v4", "v4"),
-    ("h200", "H200"), ("h100 pcie", "H100 PCIe"), ("h100", "H100 SXM"),
-    ("a100", "A100"),
-)
-
-
-def peak_flops_for(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s of one jax device of this `device.device_kind`; None if unknown."""
-    kind = (device_kind or "").lower()
-    for pattern, key in _KIND_PATTERNS:
-        if pattern in kind:
-            return PEAK_FLOPS[key] if key else None
-    return None
-
-
 # ---- compile-only devices and meshes -------------------------------------------------------
 
 def libtpu_available() -> bool:

@@ -71,17 +71,6 @@ def test_parse_topology_rejects(name):
         aot.parse_topology(name)
 
 
-def test_peak_flops_for_device_kinds():
-    assert aot.peak_flops_for("TPU v5p") == aot.peak_flops_for("TPU v5") == 459e12
-    assert aot.peak_flops_for("TPU v5 lite") == aot.peak_flops_for("TPU v5e") == 197e12
-    assert aot.peak_flops_for("TPU v6 lite") == 918e12
-    assert aot.peak_flops_for("TPU v4") == 275e12
-    assert aot.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
-    assert aot.peak_flops_for("NVIDIA H200") == 989e12
-    assert aot.peak_flops_for("cpu") is None
-    assert aot.peak_flops_for(jax.devices()[0].device_kind) is None  # this CPU host
-
-
 @needs_libtpu
 def test_topology_mesh_is_one_device_per_chip():
     mesh = aot.topology_mesh("v4-8", {"data": 2, "fsdp": -1})  # megacore: 4 chips, not 8 cores

@@ -19,6 +19,17 @@ from alignjax.model.store import MODEL_FILE
 from alignjax.train import metrics
 
 
+def test_peak_flops_for_device_kinds():
+    assert metrics.peak_flops_for("TPU v5p") == metrics.peak_flops_for("TPU v5") == 459e12
+    assert metrics.peak_flops_for("TPU v5 lite") == metrics.peak_flops_for("TPU v5e") == 197e12
+    assert metrics.peak_flops_for("TPU v6 lite") == 918e12
+    assert metrics.peak_flops_for("TPU v4") == 275e12
+    assert metrics.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert metrics.peak_flops_for("NVIDIA H200") == 989e12
+    assert metrics.peak_flops_for("cpu") is None
+    assert metrics.peak_flops_for(jax.devices()[0].device_kind) is None  # this CPU host
+
+
 @pytest.fixture
 def fresh_peak(tmp_path, monkeypatch):
     """An empty peak cache in tmp_path (nothing carried over from the machine or the session)."""

@@ -13,17 +13,48 @@ import numpy as np
 PEAK_FLOPS_CACHE: dict = {}  # in-process copy of the on-disk cache below
 CACHE_ENV = "ALIGNJAX_CACHE_DIR"  # default ~/.cache/alignjax (or $XDG_CACHE_HOME/alignjax)
 
+# Dense bf16 peak per device (per chip on TPU: v4/v5p run as one megacore device per chip).
+PEAK_FLOPS: dict[str, float] = {
+    "v4": 275e12,
+    "v5p": 459e12,
+    "v5e": 197e12,
+    "v6e": 918e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+# Ordered: the first substring match of the lower-cased device_kind wins ("tpu v5 lite" before
+# "tpu v5"; compile-only v5p devices call themselves "TPU v5").
+_KIND_PATTERNS = (
+    ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
+    ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"),
+    ("tpu v5p", "v5p"), ("tpu v5", "v5p"),
+    ("tpu v4 lite", None), ("tpu v4", "v4"),
+    ("h200", "H200"), ("h100 pcie", "H100 PCIe"), ("h100", "H100 SXM"),
+    ("a100", "A100"),
+)
+
+
+def peak_flops_for(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one jax device of this `device.device_kind`; None if unknown."""
+    kind = (device_kind or "").lower()
+    for pattern, key in _KIND_PATTERNS:
+        if pattern in kind:
+            return PEAK_FLOPS[key] if key else None
+    return None
+
 
 def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     """Peak FLOP/s of all the hardware this run has (every process), for MFU.
 
     MFU = model FLOPs/s of the whole run / this number. TPUs and GPUs: the vendor's dense peak
-    per chip (alignjax.aot's table) times the device count. CPUs: a measured matmul peak of the
+    per chip (PEAK_FLOPS above) times the device count. CPUs: a measured matmul peak of the
     host (see `cpu_peak_flops`) times the process count; fake CPU devices
     (--xla_force_host_platform_device_count) share the host's cores, so they add nothing.
     """
     kind = jax.devices()[0].device_kind
-    from alignjax.aot import peak_flops_for
     peak = peak_flops_for(kind)
     if peak:
         return float(peak) * jax.device_count(), f"{jax.device_count()}x {kind} (table)"
