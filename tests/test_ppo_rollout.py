@@ -147,3 +147,24 @@ def test_greedy_rollout_equals_the_generator_and_does_not_recompile(setup):
 def test_prompt_longer_than_the_bucket_names_the_key():
     with pytest.raises(UserError, match=r"ppo.max_prompt_len=4: a prompt has 5 tokens"):
         ro.pad_prompts([[1, 2], [1, 2, 3, 4, 5]], 4, 0)
+
+
+def test_rollout_program_equals_the_roller(setup):
+    """The one-program rollout (for `alignjax compile`) samples and scores what the Roller does."""
+    roller, params, frozen = setup
+    s = roller.settings
+    program = ro.rollout_program(roller.policy_module, roller.ref_module, roller.value_module, s,
+                                 roller.eos_ids, roller.pad_id)
+    ids = ro.encode_chat_prompts(roller.tokenizer, PROMPTS)
+    q, qm = ro.pad_prompts(ids, P, roller.pad_id)
+    q, qm = np.repeat(q, K, 0), np.repeat(qm, K, 0)
+    want = roller.sample(params["policy"], q[::K], qm[::K], seed=5)
+    want.update(roller.forward(params, frozen, want))
+    with shd.mesh_context(roller.mesh, roller.rules):
+        got = jax.jit(program)({"params": params}, frozen, *shd.shard_batch(
+            dict(q=q, qm=qm), roller.mesh).values(), jax.random.PRNGKey(5))
+    got = jax.device_get(got)
+    np.testing.assert_array_equal(got["response"], want["response"])
+    np.testing.assert_array_equal(got["response_mask"], want["response_mask"])
+    for k in ("logps", "ref_logps", "values"):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)

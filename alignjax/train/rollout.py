@@ -189,6 +189,31 @@ class Roller:
         return batch, info
 
 
+def rollout_program(policy_module, ref_module, value_module, settings: RolloutSettings,
+                    eos_ids: tuple, pad_id: int, cache_dtype=None):
+    """program(state, frozen, query, query_mask, rng) -> sampled response, its mask, old and
+    reference log-probs and values: a rollout's device work (the sampler's prefill and decode,
+    then the scoring forwards) as one function of the whole train state, for `alignjax compile`
+    to check that sampling fits with all four models and the optimizer state resident. Training
+    runs the same two pieces as separate programs (`Roller`)."""
+    from alignjax.model.generate import _generate
+    s = settings
+    temperature = _temperature(s.temperature)
+
+    def program(state, frozen, query, query_mask, rng):
+        params = state["params"]
+        out = _generate(policy_module, params["policy"], query, query_mask, rng,
+                        jnp.float32(s.temperature), jnp.float32(s.top_p), top_k=s.top_k,
+                        max_new_tokens=s.max_new_tokens, eos_ids=tuple(eos_ids), pad_id=int(pad_id),
+                        cache_dtype=cache_dtype or jnp.dtype(policy_module.config.dtype))
+        batch = dict(query=query, query_mask=query_mask, response=out["tokens"],
+                     response_mask=out["mask"])
+        scored = _forward(policy_module, ref_module, value_module, temperature, params, frozen, batch)
+        return {**batch, **scored}
+
+    return program
+
+
 def encode_chat_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Prompt texts as the SFT model saw them: one user turn plus the generation prompt."""
     from alignjax.model.tokenize import encode_prompts
