@@ -200,7 +200,7 @@ def test_run_that_never_saved_does_not_pin_the_architecture(run_dir, tmp_path, m
     from alignjax.config import save_config
     from alignjax.train import loop
     trained = []
-    monkeypatch.setattr(loop, "train", lambda c, w: trained.append(w) or {"metrics": {}})
+    monkeypatch.setattr(loop, "train", lambda c, w, **_: trained.append(w) or {"metrics": {}})
     fresh = tmp_path / "fresh"
     save_config(_config(["model.hidden_size=64"]), str(fresh))  # what a run that failed leaves
     run_training(_config(), str(fresh))

@@ -12,13 +12,13 @@ def run_training(config, workdir: str) -> dict:
     from alignjax.errors import require_writable_dir
     from alignjax.train import loop, registry
     require_writable_dir(workdir, "--workdir")
-    registry.validate_config(config, jax.device_count())
+    settings = registry.validate_config(config, jax.device_count())
     if has_checkpoint(workdir):  # a run that never saved a step pins nothing
         changed = check_resume_config(load_saved_config(workdir), config)
         if changed:
             print("resuming with changed settings: " + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()))
     save_config(config, workdir)
-    out = loop.train(config, workdir)
+    out = loop.train(config, workdir, settings=settings)
     shown = {k: round(v, 4) for k, v in out["metrics"].items() if isinstance(v, float)}
     print(f"done: {workdir} (metrics.jsonl, tb/, checkpoints/) {json.dumps(shown)}")
     return out

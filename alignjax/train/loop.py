@@ -97,12 +97,13 @@ def write_model_file(workdir: str, run: Run, slot: str, extra: Optional[dict] = 
         json.dump(meta, f, indent=2)
 
 
-def train(config, workdir: str, spec=None) -> dict:
-    """Builds the run for the configured algorithm (or `spec`) and trains it."""
+def train(config, workdir: str, spec=None, settings=None) -> dict:
+    """Builds the run for the configured algorithm (or `spec`) and trains it; `settings`: the
+    algorithm's settings when validation parsed them already."""
     from alignjax.train import registry
     from alignjax.train.setup import build_run
     spec = spec or registry.get(config.algorithm)
-    settings = spec.settings(config)
+    settings = spec.settings(config) if settings is None else settings
     head = slots_lib.trainable(spec.slots(config, settings))[0].head
     run = build_run(config, workdir, head=head)
     out = train_loop(config, workdir, run, spec, settings)
@@ -151,9 +152,8 @@ def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
     writer = MetricsWriter(workdir, start, steps, desc=algo.name)
     peak, peak_source = peak_flops(run.model_config.dtype)  # all devices of the run together
     flops_per_token = run.model_config.flops_per_token(int(config.data.seq_len))
-    forward_only = len(fixed) + len(moving)
-    if forward_only:  # frozen models run forward only: about a third of a training token each
-        flops_per_token *= 1 + forward_only / 3
+    # Every trainable model runs forward and backward; frozen ones forward only (about a third).
+    flops_per_token *= len(trainable) + (len(fixed) + len(moving)) / 3
     log_every, eval_every = int(t.log_every), int(t.eval_every)
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
     waited, steps_since = 0.0, 0  # data_wait: seconds getting each step's batch (incl. rollouts)
