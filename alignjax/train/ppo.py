@@ -384,15 +384,15 @@ class HostState:
 # ---- the producer -------------------------------------------------------------------------------
 
 class SampleLog:
-    """A few prompt / response / score rows of a rollout -> WORKDIR/samples/step_N.jsonl, every
-    `every` steps (train.eval_every; 0 = never) and at step 1."""
+    """A few prompt / response / score rows of a rollout -> WORKDIR/samples/step_N.jsonl at steps
+    1, every + 1, ... (train.eval_every; 0 = never), as ToyEval: the model after N - 1 steps."""
 
     def __init__(self, workdir: str, every: int, rows: int = 8):
         self.workdir, self.every, self.rows = workdir, every, rows
 
     def __call__(self, step: int, info: dict, scores) -> None:
         import os
-        if not self.every or (step != 1 and step % self.every) or jax.process_index() != 0:
+        if not self.every or (step - 1) % self.every or jax.process_index() != 0:
             return
         path = os.path.join(self.workdir, "samples", f"step_{step}.jsonl")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -404,9 +404,9 @@ class SampleLog:
 
 
 class ToyEval:
-    """Held-out greedy checker accuracy of the policy on the toy suite (alignjax.eval.toy), every
-    `every` steps and at step 1. The producer runs before its step's updates, so the value
-    logged at step s is the model after s - 1 steps (step 1: the starting model)."""
+    """Held-out greedy checker accuracy of the policy on the toy suite (alignjax.eval.toy) at
+    steps 1, every + 1, 2 every + 1, ...: the producer runs before its step's updates, so these
+    measure the model after 0, every, 2 every, ... steps (`eval/toy_accuracy_step` says which)."""
 
     def __init__(self, roller, every: int, n: int = 200):
         from alignjax.model.generate import Generator
@@ -416,21 +416,23 @@ class ToyEval:
 
     def __call__(self, step: int, policy_params) -> dict:
         from alignjax.eval.toy import toy_accuracy
-        if not self.every or (step != 1 and step % self.every):
+        if not self.every or (step - 1) % self.every:
             return {}
         r = self.roller
         acc = toy_accuracy(r.policy_module, policy_params, r.mesh, r.rules, r.tokenizer, n=self.n,
                            generator=self.generator)
-        return {"eval/toy_accuracy": acc["accuracy"]}
+        return {"eval/toy_accuracy": acc["accuracy"], "eval/toy_accuracy_step": float(step - 1)}
 
 
 class Producer:
     """(state, frozen, step, rng) -> (process-local update batch, rollout metrics)."""
 
     def __init__(self, roller, settings: PPOSettings, host: HostState,
-                 samples: Optional[SampleLog] = None, toy_eval: Optional[ToyEval] = None):
+                 samples: Optional[SampleLog] = None, toy_eval: Optional[ToyEval] = None,
+                 is_log_step=lambda step: True):
         self.roller, self.s, self.host, self.samples = roller, settings, host, samples
-        self.toy_eval = toy_eval
+        self.toy_eval, self.is_log_step = toy_eval, is_log_step
+        self.pending: dict = {}  # eval results wait for the next step the loop logs
 
     def __call__(self, state, frozen, step: int, rng=None):
         s = self.s
@@ -453,7 +455,10 @@ class Producer:
         if self.samples is not None:
             self.samples(int(step), info, adv["scores"])
         if self.toy_eval is not None:
-            metrics.update(self.toy_eval(int(step), state["params"]["policy"]))
+            self.pending.update(self.toy_eval(int(step), state["params"]["policy"]))
+        if self.pending and self.is_log_step(int(step)):
+            metrics.update(self.pending)
+            self.pending = {}
         return update_batch(batch, adv, s, kl_coef), metrics
 
 
@@ -550,8 +555,10 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
     sums_fn, mfn = sums(config, s, modules)
     every = int(config.train.get("eval_every", 0) or 0)
     toy_eval = ToyEval(roller, every) if s.prompts == "toy" and every else None
-    return Algorithm("ppo", sums_fn, mfn,
-                     producer=Producer(roller, s, host, SampleLog(workdir, every), toy_eval),
+    log_every, steps = int(config.train.log_every), int(config.train.steps)
+    producer = Producer(roller, s, host, SampleLog(workdir, every), toy_eval,
+                        lambda step: step % log_every == 0 or step == steps)
+    return Algorithm("ppo", sums_fn, mfn, producer=producer,
                      epochs=s.epochs, num_minibatches=s.num_minibatches, host_state=host)
 
 
