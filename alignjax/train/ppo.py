@@ -547,6 +547,11 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
                           seq_len=s.max_prompt_len + s.max_new_tokens + 1,
                           runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
     check_mesh(s, run.mesh, run.rules)
+    limit = run.model_config.max_position_embeddings
+    if s.max_prompt_len + s.max_new_tokens > limit:
+        raise ConfigError(f"ppo.max_prompt_len={s.max_prompt_len} + ppo.max_new_tokens="
+                          f"{s.max_new_tokens} exceeds the model's max_position_embeddings {limit}; "
+                          "lower one of them")
     prompts = PromptStream(read_prompts(s.prompts), lambda t: encode_chat_prompts(run.tokenizer, t),
                            s.seed, s.max_prompt_len)
     roller = Roller(modules["policy"], run.mesh, run.rules, run.tokenizer, s.rollout,
