@@ -23,12 +23,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from jax.sharding import Mesh
 
 from alignjax import sharding as shd
 from alignjax.errors import UserError
-from alignjax.model.llama import CACHE_AXES, Llama, init_cache, project_logits, unstack_layers
+from alignjax.model.llama import Llama, constrain_cache, init_cache, project_logits, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,7 @@ def _generate(module: Llama, params, prompt_bp, prompt_mask_bp, rng, temperature
     # Per-layer weights, sliced once per call: the decode loop then reads them in place.
     params = unstack_layers(params, module.config.num_hidden_layers)
     module = module.clone(scan_layers=False)
-    cache = init_cache(module.config, b, p + n, cache_dtype)
-    cache = {k: nn.with_logical_constraint(v, CACHE_AXES[k]) for k, v in cache.items()}
+    cache = constrain_cache(init_cache(module.config, b, p + n, cache_dtype))
     mask = prompt_mask_bp.astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     # Prefill in one pass; only the last position needs logits.

@@ -83,16 +83,29 @@ def attention_mask(q_segment_bt, kv_segment_bs, q_index_t, kv_index_s):
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: k/v [layers, B, S, kv_heads, head_dim], segment ids [B, S], index."""
+    """An empty KV cache: k/v one [B, kv_heads, S, head_dim] array per layer, segment ids [B, S].
+
+    One buffer per layer, laid out as the attention dots read it (batch and kv-head axes major):
+    each decode step then writes its token in place and the dots read the buffer as it is. A
+    stacked [layers, ...] cache, or a [B, S, kv, d] layout, made XLA copy and transpose every
+    layer's whole cache at every token (tests/test_decode_hlo.py).
+    """
     dtype = dtype or _dtype(config.dtype)
-    shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
-    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return dict(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                 segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
-CACHE_AXES = dict(k=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-                  v=("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-                  segment_ids=("batch", "cache_length"), index=())
+KV_AXES = ("batch", "kv_heads", "cache_length", "head_dim")  # one layer's cache
+CACHE_AXES = dict(k=KV_AXES, v=KV_AXES, segment_ids=("batch", "cache_length"), index=())
+
+
+def constrain_cache(cache: dict) -> dict:
+    """Sharding hints for every buffer of a cache from init_cache."""
+    return {name: jax.tree_util.tree_map(lambda x, axes=CACHE_AXES[name]: constrain(x, axes), value)
+            for name, value in cache.items()}
 
 
 def flash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt):
@@ -175,8 +188,8 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None,
-                 layer=None):
+    def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None):
+        """cache_kv: this layer's (k, v) cache buffers [B, kv, S, d], or None (no cache)."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_bthd = _dense((h, d), ("embed",), ("heads", "head_dim"), c.attention_bias, c, "q")(x_bte)
@@ -185,31 +198,27 @@ class Attention(nn.Module):
         q_bthd = constrain(apply_rope(q_bthd, cos, sin), ("batch", "length", "heads", "head_dim"))
         k_btkd = apply_rope(k_btkd, cos, sin)
 
-        new_kv = None
-        if cache_kv is not None:
-            # The stacked [layers, B, S, kv, d] cache is carried through the layer scan: write only
-            # this chunk's K/V at [layer, :, index:index + T] (in place, no whole-cache copy), then
-            # attend to this layer's slice.
-            ck, cv = cache_kv
-            at = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k_btkd.astype(ck.dtype)[None], at)
-            cv = jax.lax.dynamic_update_slice(cv, v_btkd.astype(cv.dtype)[None], at)
-            new_kv = (ck, cv)
-            k_btkd = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            v_btkd = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-
         b, t = q_bthd.shape[:2]
         # The kernel tiles the sequence in blocks of 128: other lengths (and decode) use XLA.
         if c.attention_impl == "flash" and cache_kv is None and t % 128 == 0:
             out_bthd = flash_attention(q_bthd, k_btkd, v_btkd, segment_ids_bt).astype(_dtype(c.dtype))
             return _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o")(out_bthd), None
-        q_btkgd = q_bthd.reshape(b, t, k, h // k, d)  # grouped-query: G query heads per kv head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_btkd.astype(q_btkgd.dtype))
+        # Batch and kv-head axes major: the layout the dots (and the cache) use. Grouped-query
+        # attention: the G = h/k query heads of a kv head share its keys and values.
+        k_bksd, v_bksd = (x.swapaxes(1, 2) for x in (k_btkd, v_btkd))
+        new_kv = None
+        if cache_kv is not None:  # write this chunk at [:, :, index:index + T] in place
+            at = (0, 0, cache_index, 0)
+            k_bksd, v_bksd = new_kv = tuple(
+                constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), at), KV_AXES)
+                for buf, x in zip(cache_kv, (k_bksd, v_bksd)))
+        q_bkgtd = q_bthd.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q_bkgtd, k_bksd.astype(q_bkgtd.dtype))
         scores = scores.astype(jnp.float32) / math.sqrt(d)
         scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(_dtype(c.dtype))
-        out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs, v_btkd.astype(probs.dtype))
-        out_bthd = out_btkgd.reshape(b, t, h, d)
+        out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", probs, v_bksd.astype(probs.dtype))
+        out_bthd = out_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
         out = _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o")(out_bthd)
         return out, new_kv
 
@@ -231,16 +240,15 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask_bts, cache_index, segment_ids_bt):
-        """carry = (x [B,T,E], stacked KV cache or None, this layer's index)."""
-        x_bte, cache_kv, layer = carry
+        """carry = (x [B,T,E], this layer's (k, v) cache or None)."""
+        x_bte, cache_kv = carry
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype))
         attn_out, new_kv = Attention(c, name="attn")(
-            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt,
-            layer)
+            norm(name="attn_norm")(x_bte), cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt)
         x_bte = x_bte + attn_out
         x_bte = x_bte + MLP(c, name="mlp")(norm(name="mlp_norm")(x_bte))
-        return (constrain(x_bte, ("batch", "length", None)), new_kv, layer + 1), None
+        return (constrain(x_bte, ("batch", "length", None)), new_kv), None
 
 
 _REMAT_POLICIES = {
@@ -279,33 +287,36 @@ class Llama(nn.Module):
         if cache is None:
             index = jnp.zeros((), jnp.int32)
             mask = attention_mask(segment_ids_bt, segment_ids_bt, jnp.arange(t), jnp.arange(t))
-            cache_kv = None
         else:
+            if self.scan_layers:
+                raise ValueError("a KV cache holds one buffer per layer: decode with "
+                                 "Llama(scan_layers=False) and unstack_layers(params)")
             index = cache["index"]
             kv_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids_bt.astype(jnp.int32), (0, index))
             mask = attention_mask(segment_ids_bt, kv_segments, index + jnp.arange(t),
                                   jnp.arange(kv_segments.shape[1]))
-            cache_kv = (cache["k"], cache["v"])
 
         layer = DecoderLayer
         if c.remat_policy != "none":
             layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        if self.scan_layers:
-            (x_bte, new_kv, _), _ = stack(c, name="layers")(
-                (x_bte, cache_kv, jnp.zeros((), jnp.int32)), cos, sin, mask, index, segment_ids_bt)
-        else:
-            carry = (x_bte, cache_kv, 0)
-            for i in range(c.num_hidden_layers):
-                carry, _ = layer(c, name=f"layers_{i}")(carry, cos, sin, mask, index, segment_ids_bt)
-            x_bte, new_kv, _ = carry
-
         new_cache = None
-        if cache is not None:
-            new_cache = dict(k=new_kv[0], v=new_kv[1], segment_ids=kv_segments, index=index + t)
+        if self.scan_layers:
+            stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            (x_bte, _), _ = stack(c, name="layers")((x_bte, None), cos, sin, mask, index, segment_ids_bt)
+        else:
+            new_k, new_v = [], []
+            for i in range(c.num_hidden_layers):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                (x_bte, kv), _ = layer(c, name=f"layers_{i}")((x_bte, kv), cos, sin, mask, index,
+                                                               segment_ids_bt)
+                if kv is not None:
+                    new_k.append(kv[0])
+                    new_v.append(kv[1])
+            if cache is not None:
+                new_cache = dict(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segments, index=index + t)
 
         x_bte = RMSNorm(c.rms_norm_eps, _dtype(c.dtype), _dtype(c.param_dtype), name="final_norm")(x_bte)
         if output == "hidden":
