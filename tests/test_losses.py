@@ -97,6 +97,26 @@ def test_aot_couples_the_batch_by_sorting():
     assert abs(float(jnp.sum(PAIR_LOSSES["dpo"](x_perm, hp))) - np.sum(ref.dpo(d))) > 1e-3
 
 
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
+def test_filler_rows_change_no_loss(name):
+    """An eval batch padded with filler rows (weight 0) gives the loss of its real rows alone,
+    for every loss, including the ones that couple the batch (aot sorts it). Before the fix, aot
+    sorted the fillers in: 5 pairs in eval batches of 4 gave the last pair 0.693 or 0.892."""
+    x, d = make_pairs(3, b=5)
+    real = 3
+    hp = PrefHParams(label_smoothing=0.1) if name.startswith("aot") else PrefHParams()
+    alone = PairLogps(*(v[:real] for v in x))
+    filler = PairLogps(*(v[jnp.array([0, 0])] * 0.5 + 7.0 for v in x))  # arbitrary filler values
+    padded = PairLogps(*(jnp.concatenate([a, f]) for a, f in zip(alone, filler)))
+    weights = jnp.asarray([1.0] * real + [0.0, 0.0])
+    want, _ = preference_loss(alone, name, hp)
+    got, metrics = preference_loss(padded, name, hp, sample_weight=weights)
+    close(got, float(want))
+    assert np.isfinite(float(got)) and all(np.isfinite(float(v)) for v in metrics.values())
+    if name == "aot":  # and the real rows alone still match the NumPy transcription
+        close(want, np.mean(ref.aot({k: v[:real] for k, v in d.items()}, beta=hp.beta, eps=0.1)))
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "ipo", "simpo"])
 def test_preference_metrics(loss_type):
     x, d = make_pairs(3)

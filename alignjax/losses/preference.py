@@ -157,22 +157,33 @@ def sppo_hard(x: PairLogps, hp: PrefHParams) -> jax.Array:
     return (u_w - half) ** 2 + (u_l + half) ** 2
 
 
-def aot(x: PairLogps, hp: PrefHParams) -> jax.Array:
+def _sort_valid(v_b: jax.Array, valid_b: jax.Array | None) -> jax.Array:
+    """Ascending sort of the valid entries; padding rows sort last (a large finite value, so
+    differences of two such columns are 0, not inf - inf)."""
+    return jnp.sort(v_b if valid_b is None else jnp.where(valid_b, v_b, _SORT_PAD))
+
+
+_SORT_PAD = 1e30
+
+
+def aot(x: PairLogps, hp: PrefHParams, valid_b: jax.Array | None = None) -> jax.Array:
     """d = sort(logp_w - logp_l) - sort(ref_w - ref_l) over the batch; smoothed -log sigma(beta d).
 
     Sorting couples the pairs of a batch: entry k of the result belongs to the k-th smallest
-    ratios, not to pair k, so sample weights act per rank. Padding pairs must therefore not be in
-    the batch (drop the remainder) when aot / aot_unpaired is used.
+    ratios, not to pair k. Padding rows (valid_b False, e.g. an eval batch's fillers) are left
+    out of the sort: they fill the last ranks, which `preference_loss` weighs 0.
     """
     _ratios(x)  # only to raise the reference-required error early
-    d = jnp.sort(x.chosen - x.rejected) - jnp.sort(x.ref_chosen - x.ref_rejected)
+    d = (_sort_valid(x.chosen - x.rejected, valid_b)
+         - _sort_valid(x.ref_chosen - x.ref_rejected, valid_b))
     return _smoothed_sigmoid(hp.beta * d, hp.label_smoothing)
 
 
-def aot_unpaired(x: PairLogps, hp: PrefHParams) -> jax.Array:
-    """d = sort(u_w) - sort(u_l) over the batch; same form as `aot` (same caveat on padding)."""
+def aot_unpaired(x: PairLogps, hp: PrefHParams, valid_b: jax.Array | None = None) -> jax.Array:
+    """d = sort(u_w) - sort(u_l) over the batch; same form (and padding rule) as `aot`."""
     u_w, u_l = _ratios(x)
-    return _smoothed_sigmoid(hp.beta * (jnp.sort(u_w) - jnp.sort(u_l)), hp.label_smoothing)
+    d = _sort_valid(u_w, valid_b) - _sort_valid(u_l, valid_b)
+    return _smoothed_sigmoid(hp.beta * d, hp.label_smoothing)
 
 
 def apo_zero(x: PairLogps, hp: PrefHParams) -> jax.Array:
@@ -260,6 +271,9 @@ PAIR_LOSSES: dict[str, LossFn] = {
 # Losses that never read the reference; when a combination uses only these, the logged
 # "rewards" are beta * avg logp (SimPO's implicit reward) instead of beta * u.
 REFERENCE_FREE = frozenset({"sft", "simpo", "orpo", "slic"})
+# Losses whose entries are ranks of the batch (sorted), not pairs: padding rows are sorted out and
+# only the first n_valid ranks count; other sample weights do not apply to them.
+RANK_COUPLED = frozenset({"aot", "aot_unpaired"})
 
 LossSpec = Union[str, Sequence[tuple[str, float]]]
 
@@ -300,7 +314,12 @@ def preference_loss(
     metrics: dict[str, jax.Array] = {}
     loss = jnp.zeros((), jnp.float32)
     for name, weight in terms:
-        term = _wmean(PAIR_LOSSES[name](x, hp), w_b)
+        if name in RANK_COUPLED:  # per rank, not per pair: the first n_valid ranks count
+            valid_b = w_b > 0
+            rank_w = (jnp.arange(w_b.shape[0]) < jnp.sum(valid_b)).astype(jnp.float32)
+            term = _wmean(PAIR_LOSSES[name](x, hp, valid_b), rank_w)
+        else:
+            term = _wmean(PAIR_LOSSES[name](x, hp), w_b)
         if len(terms) > 1:
             metrics[f"loss/{name}"] = term
         loss = loss + weight * term
