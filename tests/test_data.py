@@ -378,3 +378,46 @@ def test_config_dict_accepted(tmp_path, bpe_tokenizer):
     ends[:, -1] = valid[:, -1]
     # completion_only_loss=False: every in-document target carries loss.
     assert np.array_equal(batch["loss_mask"] > 0, valid & ~ends)
+
+
+# ----------------------------------------------------------------------------- one EOS per turn
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer():
+    """A ChatML tokenizer (Qwen style): the assistant turn ends "<|im_end|>\\n", EOS = <|im_end|>."""
+    from alignjax.data.tokenizer import train_bpe_tokenizer
+    tok = train_bpe_tokenizer(vocab_size=512)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+                            "eos_token": "<|im_end|>"})
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chatml_turn_gets_no_second_eos(chatml_tokenizer):
+    """The turn already ends with <|im_end|> then "\\n": appending EOS gave [..., im_end, Ċ, im_end]."""
+    from alignjax.data.preference_format import PreferenceFormatter
+    tok = chatml_tokenizer
+    msgs = [{"role": "user", "content": "ok?"}, {"role": "assistant", "content": "yes"}]
+    ex = SFTFormatter(tok, {})({"messages": msgs})
+    rendered = tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert ex.ids.tolist() == rendered  # exactly the template's tokens, nothing appended
+    assert ex.ids.tolist().count(tok.eos_token_id) == 2  # one per turn
+    _, (chosen, rejected), _ = PreferenceFormatter(tok, {}).encode("ok?", ["yes", "no"])
+    for response, word in ((chosen, "yes"), (rejected, "no")):
+        assert response.count(tok.eos_token_id) == 1, tok.convert_ids_to_tokens(response)
+        assert tok.decode(response, skip_special_tokens=True).strip() == word
+
+
+@pytest.mark.parametrize("name", ["bpe_tokenizer", "spm_tokenizer"])
+def test_completion_ending_with_the_eos_string_gets_no_second_eos(name, request):
+    tok = request.getfixturevalue(name)
+    fmt = SFTFormatter(tok, {})
+    plain = fmt({"prompt": "q", "completion": " yes"}).ids.tolist()
+    closed = fmt({"prompt": "q", "completion": " yes" + tok.eos_token}).ids.tolist()
+    assert closed == plain and plain[-1] == tok.eos_token_id and plain[-2] != tok.eos_token_id
+    text = SFTFormatter(tok, {"format": "text"})({"text": "hello" + tok.eos_token}).ids.tolist()
+    assert text.count(tok.eos_token_id) == 1

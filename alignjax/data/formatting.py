@@ -14,7 +14,7 @@ tokenizer (its post-processor) or from the chat template, exactly as the tokeniz
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -122,6 +122,21 @@ class SFTFormatter:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def ends_turn(self, ids: Sequence[int]) -> bool:
+        """True when `ids` already end with a stop token, perhaps followed by whitespace the chat
+        template puts after it (ChatML's "<|im_end|>\n"): then no EOS is appended."""
+        for i in reversed(ids):
+            if i in self.stop_ids:
+                return True
+            if self.tokenizer.decode([i]).strip():
+                return False
+        return False
+
+    def closed(self, ids: list[int]) -> list[int]:
+        """`ids` ending in EOS: appended unless the text already ends its turn (e.g. a completion
+        whose text ends with the EOS string)."""
+        return ids if self.ends_turn(ids) else ids + [self.eos_id]
+
     def _make(self, ids: list[int], mask: list[bool], prompt_len: int, n_prefix: int) -> Tokenized:
         if not self.cfg.completion_only_loss:
             mask = [True] * len(ids)
@@ -130,7 +145,7 @@ class SFTFormatter:
     def text(self, text: str) -> Tokenized:
         if not isinstance(text, str):
             raise ValueError(f"'text' must be a string, got {type(text).__name__}")
-        body = self._encode(text) + [self.eos_id]
+        body = self.closed(self._encode(text))
         p = len(self.prefix_ids)
         return Tokenized(np.asarray(self.prefix_ids + body, np.int32),
                          np.asarray([False] * p + [True] * len(body), bool), p, p)
@@ -140,7 +155,7 @@ class SFTFormatter:
         # exactly the prompt ids it will be given later, and decode(completion ids) == completion.
         # A joining space, if wanted, belongs in the data (e.g. completion " yes").
         prompt_ids = self.prefix_ids + self._encode(prompt)
-        completion_ids = self._encode(completion) + [self.eos_id]
+        completion_ids = self.closed(self._encode(completion))
         p = len(prompt_ids)
         return self._make(prompt_ids + completion_ids, [False] * p + [True] * len(completion_ids),
                           p, len(self.prefix_ids))
@@ -166,7 +181,7 @@ class SFTFormatter:
             start = _lcp(full, render(messages[:i], True))
             end = _lcp(full, render(messages[:i + 1], False))
             mask[start:end] = [True] * (end - start)
-        if trainable and trainable[-1] == len(messages) - 1 and full and full[-1] not in self.stop_ids:
+        if trainable and trainable[-1] == len(messages) - 1 and full and not self.ends_turn(full):
             full, mask = full + [self.eos_id], mask + [True]  # template without an end-of-turn
         n_prefix = 1 if full and self.bos_id is not None and full[0] == self.bos_id else 0
         prompt_len = mask.index(True) if any(mask) else len(full)

@@ -181,10 +181,7 @@ class PreferenceFormatter:
             if not full.startswith(prompt_text):
                 raise DataError("the chat template does not render the prompt (with generation "
                                 "prompt) as a prefix of prompt + response; use chat_template=False")
-            ids = self._ids(full[len(prompt_text):])
-            if not ids or ids[-1] not in self.sft.stop_ids:
-                ids.append(self.sft.eos_id)
-            out.append(ids)
+            out.append(self.sft.closed(self._ids(full[len(prompt_text):])))
         prompt_ids = self._ids(prompt_text)
         bos = self.sft.bos_id
         return prompt_ids, out, int(bool(prompt_ids) and bos is not None and prompt_ids[0] == bos)
