@@ -433,9 +433,16 @@ class Producer:
         self.roller, self.s, self.host, self.samples = roller, settings, host, samples
         self.toy_eval, self.is_log_step = toy_eval, is_log_step
         self.pending: dict = {}  # eval results wait for the next step the loop logs
+        self.rollout_end: Optional[float] = None
 
     def __call__(self, state, frozen, step: int, rng=None):
         s = self.s
+        # The previous step's updates run asynchronously: wait for them, so timing/rollout is
+        # sampling alone and timing/update the wall time from the end of the last rollout to now
+        # (its updates, logging and checkpointing).
+        jax.block_until_ready(state["params"])
+        start = time.perf_counter()
+        update_time = start - self.rollout_end if self.rollout_end is not None else None
         texts, ids = self.host.prompts.take(s.prompts_per_step)
         # The seed depends only on (train.seed, step): a resumed run samples what this one would.
         seed = s.seed * 1_000_003 + int(step)
@@ -452,6 +459,8 @@ class Producer:
                         time.perf_counter() - t0,
                         "rollout_tokens_per_s": info["rollout_tokens"] / max(roll_time, 1e-9),
                         "episode": float(step * s.rows)})
+        if update_time is not None:
+            metrics["timing/update"] = update_time
         if self.samples is not None:
             self.samples(int(step), info, adv["scores"])
         if self.toy_eval is not None:
@@ -459,6 +468,7 @@ class Producer:
         if self.pending and self.is_log_step(int(step)):
             metrics.update(self.pending)
             self.pending = {}
+        self.rollout_end = time.perf_counter()
         return update_batch(batch, adv, s, kl_coef), metrics
 
 
