@@ -71,9 +71,9 @@ def get_config(preset: str | None = None):
         c.ppo.update(reward="toy", max_prompt_len=40, max_new_tokens=16, samples_per_prompt=1,
                      missing_eos_penalty=1.0)
         c.data.update(train="toy", seq_len=56)
-        c.optimizer.update(lr=5e-5)
-        c.value_optimizer.update(lr=2e-4)
-        c.train.update(steps=100, batch_size=64, log_every=5, eval_every=25)
+        c.optimizer.update(lr=1e-4)
+        c.value_optimizer.update(lr=3e-4)
+        c.train.update(steps=100, batch_size=64, log_every=5, eval_every=20)
         c.checkpoint.every = 50
     else:
         # A real chat prompt set (a string "prompt" field); set model.init_from to the SFT model
