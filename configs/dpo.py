@@ -29,6 +29,7 @@ def get_config(preset: str | None = None):
         beta=0.1, label_smoothing=0.0, exo_eps=1e-3, discopop_tau=0.05,
         simpo_gamma=0.5, orpo_lambda=0.1, slic_delta=1.0, slic_lambda=0.1,
         rrhf_sft_weight=1.0, pro_use_scores=True,
+        sft_token_mean=False,     # the sft (RPO) term: True = TRL's mean over all chosen tokens
         desirable_weight=1.0, undesirable_weight=1.0,
         # TR-DPO: every tau steps ref <- alpha * policy + (1 - alpha) * ref. 0 = frozen reference;
         # alpha = 1 is the paper's hard update (copy the policy), alpha < 1 its soft update.

@@ -149,12 +149,18 @@ def sft_term(d, **_):
     return -d["pw"] / d["nw"]
 
 
+def sft_term_token_mean(d, **_):
+    """TRL's RPO term: the mean NLL over every chosen token of the batch (one number)."""
+    return -d["pw"].sum() / d["nw"].sum()
+
+
 # ------------------------------------------------------------ 4. reference-free pairs
 
 
-def simpo(d, beta=0.1, gamma=0.5, **_):
+def simpo(d, beta=0.1, gamma=0.5, eps=0.0, **_):
     aw, al = d["pw"] / d["nw"], d["pl"] / d["nl"]
-    return -logsig(beta * (aw - al) - gamma)
+    z = beta * (aw - al) - gamma
+    return -(1 - eps) * logsig(z) - eps * logsig(-z)
 
 
 def orpo(d, lam=0.1, **_):

@@ -63,6 +63,7 @@ CASES = [(name, PrefHParams()) for name in sorted(PAIR_LOSSES)] + [
     ("aot_unpaired", PrefHParams(label_smoothing=0.1)),
     ("exo_pair", PrefHParams(exo_eps=0.05, beta=0.3)),
     ("simpo", PrefHParams(beta=2.0, simpo_gamma=0.8)),
+    ("simpo", PrefHParams(beta=2.0, simpo_gamma=0.8, label_smoothing=0.2)),
     ("ipo", PrefHParams(beta=0.5)),
     ("discopop", PrefHParams(beta=0.4, discopop_tau=0.1)),
     ("orpo", PrefHParams(orpo_lambda=0.5)),
@@ -79,11 +80,40 @@ def test_pair_loss_matches_reference(name, hp):
     close(PAIR_LOSSES[name](x, hp), ref.PAIR[name](d, **kw))
 
 
-def test_dpo_label_smoothing_is_cdpo():
+def test_label_smoothing_belongs_to_cdpo_not_dpo():
+    """TRL >= 0.29's `sigmoid` (= dpo) does not smooth; conservative DPO is `cdpo`."""
     x, d = make_pairs(1)
     hp = PrefHParams(label_smoothing=0.3)
-    close(PAIR_LOSSES["dpo"](x, hp), ref.cdpo(d, beta=0.1, eps=0.3))
-    close(PAIR_LOSSES["dpo"](x, PrefHParams()), ref.dpo(d))
+    close(PAIR_LOSSES["cdpo"](x, hp), ref.cdpo(d, beta=0.1, eps=0.3))
+    close(PAIR_LOSSES["dpo"](x, hp), ref.dpo(d))
+    close(PAIR_LOSSES["sigmoid"](x, hp), ref.dpo(d))
+
+
+def test_rpo_sft_term_in_both_conventions():
+    x, d = make_pairs(4)
+    ours, _ = preference_loss(x, "sft")
+    trl, _ = preference_loss(x, "sft", PrefHParams(sft_token_mean=True))
+    close(ours, ref.sft_term(d).mean())
+    close(trl, ref.sft_term_token_mean(d))
+    assert abs(float(ours) - float(trl)) > 1e-3  # the two conventions differ on these lengths
+    w = np.array([1.0] * 12 + [0.0] * 4, np.float32)  # filler rows count for nothing
+    got, _ = preference_loss(x, "sft", PrefHParams(sft_token_mean=True), sample_weight=w)
+    close(got, ref.sft_term_token_mean({k: v[:12] for k, v in d.items()}))
+
+
+def test_simpo_and_orpo_log_as_trl():
+    """SimPO/ORPO log average log-probs; ORPO's rewards are scaled by lambda (TRL's ORPO beta)."""
+    x, d = make_pairs(5)
+    aw, al = d["pw"] / d["nw"], d["pl"] / d["nl"]
+    _, m = preference_loss(x, "orpo", PrefHParams(beta=0.1, orpo_lambda=0.5))
+    close(m["rewards/chosen"], (0.5 * aw).mean())
+    close(m["rewards/margins"], (0.5 * (aw - al)).mean())
+    close(m["logps/chosen"], aw.mean())
+    _, m = preference_loss(x, "simpo", PrefHParams(beta=2.0))
+    close(m["rewards/chosen"], (2.0 * aw).mean())
+    close(m["logps/rejected"], al.mean())
+    _, m = preference_loss(x, "slic", PrefHParams())
+    close(m["logps/chosen"], d["pw"].mean(), tol=1e-4)  # sums, as before
 
 
 def test_aot_couples_the_batch_by_sorting():
@@ -131,8 +161,9 @@ def test_preference_metrics(loss_type):
     close(m["rewards/rejected"], (0.1 * rl).mean())
     close(m["rewards/margins"], (0.1 * (rw - rl)).mean())
     close(m["rewards/accuracies"], (rw > rl).mean())
-    close(m["logps/chosen"], d["pw"].mean(), tol=1e-4)
-    close(m["logps/rejected"], d["pl"].mean(), tol=1e-4)
+    lw, ll = (rw, rl) if loss_type == "simpo" else (d["pw"], d["pl"])  # SimPO logs averages
+    close(m["logps/chosen"], lw.mean(), tol=1e-4)
+    close(m["logps/rejected"], ll.mean(), tol=1e-4)
 
 
 def test_combined_loss_is_weighted_sum_with_sample_weight():
@@ -140,11 +171,10 @@ def test_combined_loss_is_weighted_sum_with_sample_weight():
     hp = PrefHParams(label_smoothing=0.1)
     w = np.random.RandomState(1).randint(0, 2, 16).astype(np.float32)
     w[0] = 1.0
-    terms = [("dpo", 1.0), ("sft", 1.0), ("ipo", 0.25)]  # RPO plus an IPO term
+    terms = [("cdpo", 1.0), ("sft", 1.0), ("ipo", 0.25)]  # smoothed RPO plus an IPO term
     loss, m = preference_loss(x, terms, hp, sample_weight=jnp.asarray(w))
     kw = ref_kwargs(hp)
-    expected = sum(wt * (ref.PAIR["cdpo" if n == "dpo" else n](d, **kw) * w).sum() / w.sum()
-                   for n, wt in terms)
+    expected = sum(wt * (ref.PAIR[n](d, **kw) * w).sum() / w.sum() for n, wt in terms)
     close(loss, expected)
     close(m["loss/sft"], (ref.sft_term(d) * w).sum() / w.sum())
     rw = d["pw"] - d["rw"]
@@ -292,3 +322,16 @@ def test_pro_plain_plackett_luce_and_weight_override():
     (logps, lens, scores, valid), groups = _ragged_groups(12)
     loss, _ = pro_loss(logps, lens, valid, None, sft_weight=0.3)
     close(loss, np.mean([ref.pro_group(lp, n, None, w=0.3) for lp, n, _ in groups]))
+
+
+def test_dpo_config_refuses_label_smoothing_that_no_term_reads():
+    from alignjax.config import load_config
+    from alignjax.model.config import ConfigError
+    from alignjax.train import dpo
+    config = load_config("configs/dpo.py:tiny", ["dpo.loss_type=dpo", "dpo.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match="dpo.loss_type=cdpo"):
+        dpo.settings(config)
+    ok = dpo.settings(load_config("configs/dpo.py:tiny", ["dpo.loss_type=cdpo+sft",
+                                                          "dpo.label_smoothing=0.1",
+                                                          "dpo.sft_token_mean=True"]))
+    assert ok.hparams.label_smoothing == 0.1 and ok.hparams.sft_token_mean is True

@@ -39,13 +39,16 @@ class PrefHParams:
     """Hyper-parameters of the preference family (frozen, hashable: usable as a jit static)."""
 
     beta: float = 0.1
-    label_smoothing: float = 0.0  # eps of cdpo / robust / aot; also applied by dpo as TRL does
+    label_smoothing: float = 0.0  # eps of cdpo / robust / aot / simpo (dpo = TRL's sigmoid: none)
     exo_eps: float = 1e-3  # eps of exo_pair (must be > 0)
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5  # SimPO margin (the SimPO paper pairs it with beta ~ 2)
     orpo_lambda: float = 0.1
     slic_delta: float = 1.0
     slic_lambda: float = 0.1  # spec: "tunable", no published default; 0.1 is our choice
+    # The `sft` (RPO) term: False = mean over pairs of each chosen response's token-mean NLL;
+    # True = TRL's convention, the mean NLL over all chosen tokens of the batch.
+    sft_token_mean: bool = False
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -92,9 +95,13 @@ def log1mexp(a: jax.Array) -> jax.Array:
 
 
 def dpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
-    """-log sigma(beta h); with label_smoothing eps > 0 it is cdpo (as TRL's `sigmoid`):
-    -(1-eps) log sigma(beta h) - eps log sigma(-beta h). Registered as dpo, sigmoid and cdpo.
-    """
+    """-log sigma(beta h) (TRL's `sigmoid`; label smoothing is cdpo's, not this loss's)."""
+    u_w, u_l = _ratios(x)
+    return -log_sigmoid(hp.beta * (u_w - u_l))
+
+
+def cdpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
+    """Conservative DPO: -(1-eps) log sigma(beta h) - eps log sigma(-beta h), eps = label_smoothing."""
     u_w, u_l = _ratios(x)
     return _smoothed_sigmoid(hp.beta * (u_w - u_l), hp.label_smoothing)
 
@@ -220,9 +227,10 @@ def sft(x: PairLogps, hp: PrefHParams) -> jax.Array:
 
 
 def simpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
-    """-log sigma(beta (a_w - a_l) - gamma), a = avg logp, gamma = simpo_gamma."""
+    """-log sigma(z), z = beta (a_w - a_l) - gamma, a = avg logp, gamma = simpo_gamma; with
+    label_smoothing eps the smoothed form -(1-eps) log sigma(z) - eps log sigma(-z) (as TRL's CPO)."""
     a_w, a_l = _avg(x.chosen, x.chosen_len), _avg(x.rejected, x.rejected_len)
-    return -log_sigmoid(hp.beta * (a_w - a_l) - hp.simpo_gamma)
+    return _smoothed_sigmoid(hp.beta * (a_w - a_l) - hp.simpo_gamma, hp.label_smoothing)
 
 
 def orpo(x: PairLogps, hp: PrefHParams) -> jax.Array:
@@ -248,7 +256,7 @@ LossFn = Callable[[PairLogps, PrefHParams], jax.Array]
 PAIR_LOSSES: dict[str, LossFn] = {
     "dpo": dpo,
     "sigmoid": dpo,
-    "cdpo": dpo,
+    "cdpo": cdpo,
     "robust": robust,
     "ipo": ipo,
     "hinge": hinge,
@@ -274,6 +282,8 @@ REFERENCE_FREE = frozenset({"sft", "simpo", "orpo", "slic"})
 # Losses whose entries are ranks of the batch (sorted), not pairs: padding rows are sorted out and
 # only the first n_valid ranks count; other sample weights do not apply to them.
 RANK_COUPLED = frozenset({"aot", "aot_unpaired"})
+# The losses that read label_smoothing (eps).
+SMOOTHED = frozenset({"cdpo", "robust", "aot", "aot_unpaired", "simpo"})
 
 LossSpec = Union[str, Sequence[tuple[str, float]]]
 
@@ -302,8 +312,9 @@ def preference_loss(
     `sample_weight` [B] (0 for padding pairs) makes every mean a weighted mean.
     Metrics: loss, loss/<name> per term (when combined), rewards/chosen = mean beta r_w,
     rewards/rejected, rewards/accuracies = mean[r_w > r_l], rewards/margins = mean beta(r_w - r_l),
-    logps/chosen, logps/rejected (sums), where r = u for reference-based combinations and
-    r = avg logp when every term is reference-free (as SimPO/CPO/ORPO log them).
+    logps/chosen, logps/rejected (sums; averages for SimPO/ORPO), where r = u for
+    reference-based combinations and r = avg logp when every term is reference-free (as
+    SimPO/CPO/ORPO log them); ORPO scales its rewards by orpo_lambda instead of beta, as TRL.
     """
     terms = _parse(loss_type)
     x = PairLogps(*(None if v is None else jnp.asarray(v, jnp.float32) for v in x))
@@ -318,6 +329,8 @@ def preference_loss(
             valid_b = w_b > 0
             rank_w = (jnp.arange(w_b.shape[0]) < jnp.sum(valid_b)).astype(jnp.float32)
             term = _wmean(PAIR_LOSSES[name](x, hp, valid_b), rank_w)
+        elif name == "sft" and hp.sft_token_mean:  # TRL: one mean over all chosen tokens
+            term = -_wmean(x.chosen, w_b) / jnp.maximum(_wmean(x.chosen_len, w_b), 1e-12)
         else:
             term = _wmean(PAIR_LOSSES[name](x, hp), w_b)
         if len(terms) > 1:
@@ -325,20 +338,28 @@ def preference_loss(
         loss = loss + weight * term
     metrics["loss"] = loss
 
-    if all(name in REFERENCE_FREE for name, _ in terms):
+    names = {name for name, _ in terms}
+    reference_free = names <= REFERENCE_FREE
+    if reference_free:
         r_w, r_l = _avg(x.chosen, x.chosen_len), _avg(x.rejected, x.rejected_len)
     else:
         r_w, r_l = _ratios(x)
+    # As TRL logs them: ORPO's rewards are lambda * avg logp (its "beta" is lambda); SimPO and
+    # ORPO log average log-probs, every other loss summed ones.
+    scale = hp.orpo_lambda if "orpo" in names and names <= {"orpo", "sft"} else hp.beta
+    logps_w, logps_l = x.chosen, x.rejected
+    if reference_free and names & {"simpo", "orpo"}:
+        logps_w, logps_l = r_w, r_l
     # Metrics are for logging only: no gradient should flow through them.
-    r_w, r_l = jax.lax.stop_gradient(r_w), jax.lax.stop_gradient(r_l)
+    r_w, r_l, logps_w, logps_l = (jax.lax.stop_gradient(v) for v in (r_w, r_l, logps_w, logps_l))
     metrics.update(
         {
-            "rewards/chosen": _wmean(hp.beta * r_w, w_b),
-            "rewards/rejected": _wmean(hp.beta * r_l, w_b),
+            "rewards/chosen": _wmean(scale * r_w, w_b),
+            "rewards/rejected": _wmean(scale * r_l, w_b),
             "rewards/accuracies": _wmean((r_w > r_l).astype(jnp.float32), w_b),
-            "rewards/margins": _wmean(hp.beta * (r_w - r_l), w_b),
-            "logps/chosen": _wmean(jax.lax.stop_gradient(x.chosen), w_b),
-            "logps/rejected": _wmean(jax.lax.stop_gradient(x.rejected), w_b),
+            "rewards/margins": _wmean(scale * (r_w - r_l), w_b),
+            "logps/chosen": _wmean(logps_w, w_b),
+            "logps/rejected": _wmean(logps_l, w_b),
         }
     )
     return loss, metrics

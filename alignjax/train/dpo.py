@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.losses.preference import PAIR_LOSSES, REFERENCE_FREE, PairLogps, PrefHParams, preference_loss
+from alignjax.losses.preference import (PAIR_LOSSES, REFERENCE_FREE, SMOOTHED, PairLogps, PrefHParams,
+                                         preference_loss)
 from alignjax.losses.ranking import kto_loss, pro_loss, rrhf_loss
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import (abstract_grouped_batch, example_weights, means_to_sums,
@@ -100,9 +101,15 @@ def settings(config) -> DPOSettings:
         raise ConfigError(f"dpo.reference={c.reference!r}: use 'colocated' or 'precomputed'")
     try:
         fields = PrefHParams.__dataclass_fields__
-        hp = PrefHParams(**{k: float(c[k]) for k in fields})
+        hp = PrefHParams(**{k: bool(c[k]) if f.type in (bool, "bool") else float(c[k])
+                            for k, f in fields.items()})
     except ValueError as e:
         raise ConfigError(f"dpo: {e}") from None
+    if hp.label_smoothing and not set(names) & SMOOTHED:
+        raise ConfigError(
+            f"dpo.label_smoothing={hp.label_smoothing} is not read by dpo.loss_type={c.loss_type!r} "
+            f"(dpo is TRL's sigmoid, unsmoothed); it applies to {', '.join(sorted(SMOOTHED))}: for "
+            "conservative DPO set dpo.loss_type=cdpo")
     every, alpha = int(c.ref_refresh_every), float(c.ref_refresh_alpha)
     if every < 0 or not 0.0 < alpha <= 1.0:
         raise ConfigError(f"dpo.ref_refresh_every={every}, dpo.ref_refresh_alpha={alpha}: use every >= 0 "
