@@ -237,11 +237,10 @@ def _restore(ckpt: Checkpointer, step: int, abstract, algo: Algorithm, slot: str
         frozen = {k: old["ref_params"] for k in abstract["frozen"]}
         return {"step": old["step"], "params": {slot: old["params"]},
                 "opt_state": {slot: old["opt_state"]}, "frozen": frozen, "rng": old["rng"]}
-    state, _, host = ckpt.restore(step, abstract, algo.train_iterator,
-                                  host=algo.host_state is not None)
+    out = ckpt.restore(step, abstract, algo.train_iterator, host=algo.host_state is not None)
     if algo.host_state is not None:
-        algo.host_state.set_state(host)
-    return state
+        algo.host_state.set_state(out[2])
+    return out[0]
 
 
 def evaluate(eval_fn, state, frozen: dict, algo: Algorithm, run: Run, config) -> dict:
