@@ -99,9 +99,12 @@ def grpo_token_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, sequence
     for i in range(logp.shape[0]):
         idx = valid_tokens(mask[i])
         seq = np.mean([logp[i, t] - old[i, t] for t in idx]) if idx else 0.0
+        if sequence_ratio == "sum":
+            seq = sum(logp[i, t] - old[i, t] for t in idx)
         for t in range(logp.shape[1]):
             rho = np.exp(seq if sequence_ratio else logp[i, t] - old[i, t])
-            l = -min(rho * adv[i], np.clip(rho, 1 - eps_low, 1 + eps_high) * adv[i])
+            a = adv[i, t] if np.ndim(adv) == 2 else adv[i]  # per-token advantages (REINFORCE++)
+            l = -min(rho * a, np.clip(rho, 1 - eps_low, 1 + eps_high) * a)
             x = ref[i, t] - logp[i, t]
             loss[i, t] = l + beta * (np.exp(x) - x - 1)
     return loss

@@ -113,11 +113,13 @@ def test_grpo_advantages_of_a_constant_group_are_zero():
     np.testing.assert_allclose(adv[:2], 0.0)
 
 
-@pytest.mark.parametrize("sequence_ratio", [False, True])
+@pytest.mark.parametrize("sequence_ratio", [False, True, "sum"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_token_loss(sequence_ratio, beta):
+@pytest.mark.parametrize("token_adv", [False, True])
+def test_grpo_token_loss(sequence_ratio, beta, token_adv):
     c = _case(8)
-    adv = np.random.RandomState(1).randn(B).astype(np.float32)
+    rs = np.random.RandomState(1)
+    adv = (rs.randn(*c["mask"].shape) if token_adv else rs.randn(B)).astype(np.float32)
     got, _ = rl.grpo_token_loss(c["logp"], c["old"], adv, c["mask"], eps_low=0.2, eps_high=0.28,
                                 ref_logp_bt=c["ref"], beta=beta, sequence_ratio=sequence_ratio)
     want = ref.grpo_token_loss(c["logp"], c["old"], c["ref"], adv, c["mask"], 0.2, 0.28, beta,

@@ -215,19 +215,25 @@ def grpo_advantages(scores_b, group_size: int, scale: str = "group", eps: float 
 
 def grpo_token_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
                     eps_high: float = 0.2, ref_logp_bt=None, beta: float = 0.0,
-                    sequence_ratio: bool = False):
+                    sequence_ratio: bool | str = False):
     """Per-token -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3_t.
 
     k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1; beta = 0 needs no reference.
-    `sequence_ratio` (GSPO): rho = exp(masked mean_t (logp - logp_old)) for every token of a row.
+    `adv_b`: one advantage per row [B] (GRPO, RLOO) or per token [B, T] (REINFORCE++).
+    `sequence_ratio`: True or "mean" (GSPO): rho = exp(masked mean_t (logp - logp_old)) for every
+    token of a row; "sum" (TRL's RLOO): rho = exp(masked sum_t (logp - logp_old)), the ratio of
+    the whole sequence's probabilities.
     Returns (loss_bt, dict of per-token low/high/region clip indicators and k3).
     """
     log_ratio = logp_bt - old_logp_bt
     if sequence_ratio:
-        seq = masked_row_mean(log_ratio, mask_bt)
+        if sequence_ratio == "sum":
+            seq = jnp.sum(jnp.where(mask_bt > 0, log_ratio, 0.0), axis=-1)
+        else:
+            seq = masked_row_mean(log_ratio, mask_bt)
         log_ratio = jnp.broadcast_to(seq[:, None], log_ratio.shape)
     ratio = jnp.exp(log_ratio)
-    a = adv_b[:, None]
+    a = adv_b[:, None] if adv_b.ndim == 1 else adv_b
     loss = -jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * a)
     k3 = jnp.zeros_like(loss)
     if beta:
