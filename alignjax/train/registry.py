@@ -26,7 +26,7 @@ from alignjax.model.config import ConfigError
 
 # name -> module defining SPEC (add a line here to register an algorithm)
 MODULES = {"sft": "alignjax.train.sft", "reward": "alignjax.train.reward", "dpo": "alignjax.train.dpo",
-           "ppo": "alignjax.train.ppo"}
+           "ppo": "alignjax.train.ppo", "grpo": "alignjax.train.grpo"}
 
 
 @dataclasses.dataclass(frozen=True)
