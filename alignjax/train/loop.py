@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alignjax import sharding as shd
-from alignjax.checkpoint import Checkpointer
+from alignjax.checkpoint import Checkpointer, has_checkpoint
 from alignjax.errors import UserError
 from alignjax.model.store import MODEL_FILE
 from alignjax.train import slots as slots_lib
@@ -114,22 +114,36 @@ def train(config, workdir: str, spec=None, settings=None) -> dict:
 
 def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
     """Runs (or resumes) `config.train.steps` loop steps. Returns the last logged metrics."""
-    t = config.train
-    steps, accum, seed = int(t.steps), int(t.grad_accum_steps), int(t.seed)
+    steps = int(config.train.steps)
     slots = spec.slots(config, settings)
     trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
                                 slots_lib.fixed(slots))
     modules = {s.name: slots_lib.slot_module(run.model_config, s) for s in slots}
     modules[trainable[0].name] = run.module
-    ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
-                        bool(config.checkpoint.async_save))
-    resuming = ckpt.latest_step() is not None  # else restore_newest raises: none restores
+    # A saved step means a resume (restore_newest below raises if none restores): then only the
+    # frozen slots that never change are read from their sources.
+    resuming = has_checkpoint(workdir)
     loader = slots_lib.SlotLoader(config, run, fixed + ([] if resuming else trainable + moving))
     algo = spec.build(config, workdir, run, settings, modules, loader)
     updates = algo.epochs * algo.num_minibatches
     optimizer, schedules = slots_lib.slot_optimizer(config, trainable, steps * updates)
     abstract, shardings = state_shardings({s.name: modules[s.name] for s in trainable}, optimizer,
                                           run.mesh, run.rules, {s.name: modules[s.name] for s in moving})
+    ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
+                        bool(config.checkpoint.async_save))
+    try:
+        return _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules,
+                          abstract, shardings, ckpt)
+    finally:
+        ckpt.close()
+
+
+def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules, abstract,
+               shardings, ckpt):
+    t = config.train
+    steps, accum, seed = int(t.steps), int(t.grad_accum_steps), int(t.seed)
+    trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
+                                slots_lib.fixed(slots))
     latest, restored = ckpt.restore_newest(
         lambda s: _restore(ckpt, s, abstract, algo, trainable[0].name))
     if latest is None:
@@ -213,7 +227,6 @@ def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
                               "same command to resume")
     finally:
         writer.close()
-        ckpt.close()
     return {"state": state, "metrics": last}
 
 
