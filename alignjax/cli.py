@@ -28,19 +28,8 @@ EPILOG = """examples:
 
 
 def parse_mesh(text: str | None) -> dict:
-    """'data=2,fsdp=2,tensor=2' -> dict; empty means all devices on `data`."""
-    if not text:
-        return {"data": -1}
-    from alignjax.errors import UserError
-    out = {}
-    for part in text.split(","):
-        k, _, v = part.partition("=")
-        try:
-            out[k.strip()] = int(v)
-        except ValueError:
-            raise UserError(f"--mesh {text!r}: expected axis=size pairs such as "
-                            "data=2,fsdp=2,tensor=2") from None
-    return out
+    from alignjax.sharding import parse_mesh_flag  # imports jax: only when a command runs
+    return parse_mesh_flag(text)
 
 
 def _add_mesh(p):

@@ -437,8 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.command == "prepare":
         from alignjax import sharding as shd
-        from alignjax.cli import parse_mesh
-        model = prepare_model_dir(args.model, args.out, mesh=shd.make_mesh(parse_mesh(args.mesh)),
+        mesh = shd.make_mesh(shd.parse_mesh_flag(args.mesh))
+        model = prepare_model_dir(args.model, args.out, mesh=mesh,
                                   pad_to_multiple_of=args.pad_to_multiple_of, seed=args.seed)
         print(f"wrote {args.out}: vocab_size {model.config.vocab_size}, control tokens "
               f"{list(CONTROL_TOKENS)}")

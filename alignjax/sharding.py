@@ -43,6 +43,21 @@ class ShardingError(UserError):
 DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)  # multislice: how many slices each axis spans
 
 
+def parse_mesh_flag(text: str | None) -> dict:
+    """--mesh 'data=2,fsdp=2,tensor=2' -> dict; empty means all devices on `data`."""
+    if not text:
+        return {"data": -1}
+    out = {}
+    for part in text.split(","):
+        k, _, v = part.partition("=")
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise UserError(f"--mesh {text!r}: expected axis=size pairs such as "
+                            "data=2,fsdp=2,tensor=2") from None
+    return out
+
+
 def mesh_plan(sizes: Mapping[str, int], num_devices: int) -> tuple[dict, dict]:
     """(per-slice ICI sizes, DCN sizes) of a mesh: every axis spans `ici * dcn` devices.
 
