@@ -50,17 +50,15 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from alignjax.data.formatting import FORMATS, TRUNCATIONS
+from alignjax.data.formatting import FORMATS, PACKINGS, TRUNCATIONS
 from alignjax.errors import UserError
-from alignjax.model.config import SUPPORTED_ROPE_TYPES, ConfigError
+from alignjax.model.config import REMAT_POLICIES, SUPPORTED_ROPE_TYPES, ConfigError
 
 ConfigDict = ml_collections.ConfigDict
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULES = ("cosine", "linear", "constant")
-PACKINGS = ("pack", "pad")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 # The model.* fields that define a Llama architecture (a model built from the config).
 ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
              "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",

@@ -22,6 +22,7 @@ from alignjax.data.sources import DataError
 
 FORMATS = ("auto", "text", "prompt_completion", "messages")
 TRUNCATIONS = ("truncate_left_prompt", "truncate_right", "drop")
+PACKINGS = ("pack", "pad")  # how the SFT pipeline fills rows (data.packing)
 FORMAT_KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"),
                "messages": ("messages",)}
 _EXPECTED = "one of {'text'}, {'prompt', 'completion'}, {'messages'}"

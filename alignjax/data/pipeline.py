@@ -41,12 +41,11 @@ import grain
 import numpy as np
 
 from alignjax.data import packing
-from alignjax.data.formatting import FormatConfig, SFTFormatter, num_targets, truncate
+from alignjax.data.formatting import PACKINGS, FormatConfig, SFTFormatter, num_targets, truncate
 from alignjax.data.sources import DataError, open_sources, where
 
 log = logging.getLogger(__name__)
 
-PACKINGS = ("pack", "pad")
 _STATUS_TEXT = {"truncated": "truncated to seq_len", "dropped": "dropped (longer than seq_len)",
                 "no_loss": "dropped (no target token left)"}
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 # HF model_type values whose weights follow the Llama layout and semantics we implement.
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # see llama._REMAT_POLICIES
 # config.json keys without a sensible default: the weights' shapes follow from them.
 HF_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
@@ -76,7 +77,7 @@ class LlamaConfig:
             raise ConfigError(
                 f"rope_scaling.rope_type={rope_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        if self.remat_policy not in ("none", "full", "dots", "dots_with_no_batch_dims"):
+        if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy={self.remat_policy!r}: use none, full, dots or "
                               "dots_with_no_batch_dims")
         if self.attention_impl not in ("xla", "flash"):
