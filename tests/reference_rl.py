@@ -220,3 +220,48 @@ def ppo_update_sums(logits, targets, v_new, old, v_old, adv, ret, mask, temperat
             "val/ratio": total(rho), "val/ratio_sq": total(rho ** 2), "val/vpred": total(v_new),
             "loss/kl_avg": total(k), "count": float(m.sum())}
     return total(per_token), sums
+
+
+# ---- critic-free RL composed (section 7), as alignjax.train.grpo runs it ------------------------
+
+def critic_free_advantages(method, scores, has_eos, logp, refl, mask, g, beta, scale="group",
+                           penalty=None, overlong_buffer=0, overlong_factor=1.0, max_len=None):
+    """(per-token advantages [R, N], shaped scores) of one rollout. `refl` None: no KL (beta 0)."""
+    s = shape_scores(scores, has_eos, penalty=penalty)
+    if overlong_buffer:
+        s = s + np.array([overlong(n, max_len, overlong_buffer, overlong_factor) for n in mask.sum(1)])
+    k = np.zeros(mask.shape) if refl is None else kl(logp, refl, "k1") * (mask > 0)
+    if method == "grpo":
+        adv = grpo_advantages(s, g, scale)[:, None] * (mask > 0)
+    elif method == "rloo":
+        adv = rloo_advantages(s, k.sum(1), g, beta)[:, None] * (mask > 0)
+    else:
+        adv = reinforce_pp(s, k, mask, beta, g if method == "reinforce_pp_baseline" else None)
+    return adv, s
+
+
+def critic_free_update(logits, targets, old, adv, mask, temperature, eps_low, eps_high, beta,
+                       refl, ratio, loss_type, max_len):
+    """(loss, token means of entropy / clip indicators / k3) of one critic-free update batch.
+    ratio: token | gspo | sequence; `logits` [R, N, V] predict `targets`."""
+    logp_all = log_softmax(np.asarray(logits, np.float64) / temperature)
+    logp = np.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
+    entropy = -(np.exp(logp_all) * logp_all).sum(-1)
+    refl = np.zeros_like(logp) if refl is None else np.asarray(refl, np.float64)
+    mode = {"token": False, "gspo": True, "sequence": "sum"}[ratio]
+    loss = grpo_token_loss(logp, old, refl, adv, mask, eps_low, eps_high, beta, mode)
+    low, high = np.zeros(logp.shape), np.zeros(logp.shape)
+    for i in range(logp.shape[0]):
+        idx = valid_tokens(mask[i])
+        d = [logp[i, t] - old[i, t] for t in idx]
+        seq = {"token": None, "gspo": np.mean(d) if d else 0.0, "sequence": sum(d)}[ratio]
+        for t in idx:
+            rho = np.exp(logp[i, t] - old[i, t] if seq is None else seq)
+            low[i, t] = rho < 1 - eps_low and adv[i, t] < 0
+            high[i, t] = rho > 1 + eps_high and adv[i, t] > 0
+    x = refl - logp
+    means = {"entropy": masked_mean(entropy, mask), "clip_ratio/low_mean": masked_mean(low, mask),
+             "clip_ratio/high_mean": masked_mean(high, mask),
+             "clip_ratio/region_mean": masked_mean(np.maximum(low, high), mask),
+             "kl": masked_mean(np.exp(x) - x - 1, mask)}
+    return aggregate(loss, mask, loss_type, max_len), means
