@@ -14,7 +14,7 @@ from alignjax.train import ppo, run_training
 OVERRIDES = [
     # a small random model on the toy suite: the point is the loop, not learning
     "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-    "model.num_attention_heads=4", "model.num_key_value_heads=2",
+    "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.path=toy",
     "train.steps=3", "train.batch_size=16", "train.log_every=1", "train.eval_every=0",
     "checkpoint.every=1", "checkpoint.async_save=False",
     "ppo.epochs=2", "ppo.num_minibatches=2", "ppo.max_new_tokens=8", "ppo.kl_target=1.0",
