@@ -112,3 +112,26 @@ def test_producer_epochs_minibatches_equal_updates_by_hand_and_resume_exactly(tm
     for step in (1, 2):  # the logged loss is the mean over the step's 4 updates
         np.testing.assert_allclose(rows[step]["loss"], hand_losses[step], rtol=1e-5)
     assert [rows[s]["episode"] for s in (1, 2)] == [1, 2]  # the host state came back
+
+
+def test_checkpoints_from_before_slots_still_load_as_models(tmp_path):
+    """A workdir trained before named slots (state["params"] was the model) loads as a model
+    (model.init_from), whether or not its alignjax_model.json has been rewritten with a slot."""
+    from alignjax.checkpoint import Checkpointer
+    from alignjax.model.config import LlamaConfig
+    from alignjax.model.params import build_module
+    from alignjax.model.store import MODEL_FILE, load_model
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    module, mesh = build_module(cfg), shd.make_mesh({"data": 8})
+    params = init_params(module, jax.random.PRNGKey(3), mesh)
+    ckpt = Checkpointer(str(tmp_path), every=1, async_save=False)
+    ckpt.save(5, {"step": np.int32(5), "params": params}, None, {"step": 5}, force=True)  # old layout
+    ckpt.close()
+    meta = {"format": 1, "head": "lm", "model": cfg.to_json_dict(), "params": "checkpoints"}
+    want = jax.tree_util.tree_leaves(jax.device_get(params))
+    for extra in ({}, {"slot": "policy"}):
+        (tmp_path / MODEL_FILE).write_text(json.dumps({**meta, **extra}))
+        got = jax.tree_util.tree_leaves(jax.device_get(load_model(str(tmp_path), mesh).params))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
