@@ -178,6 +178,9 @@ class Checkpointer:
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         for k in key:
             out = out[k]
+        # orbax's partial restore hands back the placeholders of a path the checkpoint lacks
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(out)):
+            raise KeyError(f"checkpoint {step} holds no state{''.join(f'[{k!r}]' for k in key)}")
         return out
 
     def wait(self):
