@@ -44,12 +44,13 @@ def policy_setup(bpe_tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rollout(policy_setup, tmp_path_factory):
-    """One real rollout (4 prompts x 4 samples) of a random policy, scored by a function whose
-    ties make some groups zero-std."""
+    """One real rollout (4 prompts x 4 samples) of a random policy, scored by a function that
+    gives one prompt's group a constant score (zero std)."""
     tok, policy, mesh, params, frozen = policy_setup
     py = tmp_path_factory.mktemp("py") / "r.py"
     py.write_text("def f(prompts, completions):\n"
-                  "    return [float(len(c) % 3) for c in completions]\n")
+                  "    return [0.5 if 'hello' in p else float(len(c) % 3)\n"
+                  "            for p, c in zip(prompts, completions)]\n")
     reward = rewards.build_reward(f"python:{py}:f", policy_tokenizer=tok)
     roller = ro.Roller(policy, mesh, shd.DEFAULT_RULES, tok,
                        ro.RolloutSettings(P, N, K, temperature=1.0), reward=reward, ref_module=policy)
@@ -57,7 +58,12 @@ def rollout(policy_setup, tmp_path_factory):
     ids = ro.encode_chat_prompts(tok, texts)
     batch, info = roller.rollout(params, frozen, texts, ids, seed=11)
     assert 0 < batch["contains_eos"].sum() < len(batch["scores"])  # both kinds of response
+    assert 0 < want_zero_std(batch["scores"]) < 1
     return texts, ids, batch, info
+
+
+def want_zero_std(scores):
+    return np.mean(scores.reshape(-1, K).std(axis=1) == 0)
 
 
 class _Replay:
