@@ -19,18 +19,20 @@ def _train(spec, workdir, init_from, overrides=()):
 
 @pytest.fixture(scope="module")
 def reward_run(sft_run, tmp_path_factory):
+    # A quarter of the preset's 1200 steps (its whole schedule, compressed): the suite's budget.
+    # The preset itself (>= 90% in every run of 3 seeds x 1 and 8 devices) is measured by the
+    # study in the README's "Reward models" section and by `make demo`.
     workdir = tmp_path_factory.mktemp("rm")
-    return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0])
+    return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0],
+                           ["train.steps=300", "train.eval_every=300", "checkpoint.every=300"])
 
 
 @pytest.mark.slow
 def test_reward_model_learns_pairs(reward_run):
-    # Measured on the 200 held-out toy pairs: 94% from one SFT model, 87% from the SFT model this
-    # suite trains today (200 steps of batch 32 gave 82.5%). The issue tracker's bar is 90% in
-    # every run; the preset does not meet it yet (README, "Reward models"), so this asserts what
-    # it reliably reaches, far above chance (50%).
+    # Measured on the 200 held-out toy pairs after 300 steps of the 1200-step preset: 83.5% and
+    # 85.5%; chance is 50%. A broken loss, head or pair collation stays near chance.
     _, metrics = reward_run
-    assert metrics["eval/accuracy"] >= 0.85, metrics
+    assert metrics["eval/accuracy"] >= 0.80, metrics
     assert metrics["eval/num_examples"] == 200
 
 
