@@ -59,7 +59,7 @@ def cmd_convert_alignjax_to_hf(args):
     require_writable_dir(args.out, "--out")
     from alignjax.model.store import check_output_dir, export_hf, load_model
     check_output_dir(args.out, args.overwrite)  # before loading: never into a training workdir
-    model = load_model(args.ckpt, shd.make_mesh(parse_mesh(args.mesh)))
+    model = load_model(args.ckpt, shd.make_mesh(parse_mesh(args.mesh)), slot=args.slot)
     files = export_hf(model, args.out, dtype=args.dtype,
                       max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite)
     arch = "LlamaForSequenceClassification" if model.head == "scalar" else "LlamaForCausalLM"
@@ -302,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mesh(p)
     p.set_defaults(func=cmd_convert_hf_to_alignjax)
     p = conv_sub.add_parser("alignjax-to-hf", help="alignjax model directory -> HF directory")
-    p.add_argument("--ckpt", required=True, help="alignjax model directory")
+    p.add_argument("--ckpt", required=True, help="alignjax model directory or training workdir")
+    p.add_argument("--slot", default=None, metavar="NAME",
+                   help="another trained model of a training workdir, e.g. PPO's value model "
+                        "(--slot value, written as LlamaForSequenceClassification); default: the "
+                        "workdir's policy")
     p.add_argument("--out", required=True, help="output HF directory")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="max size of one safetensors file")

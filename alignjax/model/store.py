@@ -81,13 +81,19 @@ def _read_json(path):
 
 
 def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
-               head: Optional[str] = None, **runtime) -> LoadedModel:
+               head: Optional[str] = None, slot: Optional[str] = None, **runtime) -> LoadedModel:
     """Loads an HF directory or an alignjax model directory onto `mesh` (default: data-parallel).
 
     `runtime` overrides LlamaConfig runtime fields (dtype, param_dtype, remat_policy, ...).
+    `slot`: another trained slot of a training workdir than the one it loads as (e.g. PPO's
+    "value"); its head is read from the checkpoint.
     """
     mesh = mesh or shd.make_mesh()
     kind = path_kind(path)
+    meta = _read_json(os.path.join(path, MODEL_FILE)) if kind == "alignjax" else None
+    if slot is not None and (meta or {}).get("params") != "checkpoints":
+        raise UserError(f"--slot {slot}: {path} is not a training workdir; --slot picks a trained "
+                        "model of a training workdir (e.g. PPO's value model)")
     if kind == "hf":
         config = LlamaConfig.from_hf_dir(path, **runtime)
         head = head or _hf_head(path)
@@ -98,30 +104,63 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
         extra = {"generation_config": _read_json(os.path.join(path, "generation_config.json"))}
         return LoadedModel(config, head, module, params, mesh, rules, tok_dir, extra)
 
-    meta = _read_json(os.path.join(path, MODEL_FILE))
     config = LlamaConfig.from_json_dict(meta["model"], **runtime)
     stored_head = meta.get("head", "lm")
-    if head is not None and head != stored_head:
-        raise ConfigError(f"{path} holds a model with head={stored_head!r}, but head={head!r} was asked for")
-    module = build_module(config, stored_head)
-    abstract, _ = abstract_params(module, mesh, rules)
+    own_slot = slot is None or slot == meta.get("slot", "policy")
+
+    def checked(found):
+        if head is not None and head != found:
+            raise ConfigError(f"{path} holds a model with head={found!r}, but head={head!r} was asked for")
+        return found
+
+    if own_slot:
+        checked(stored_head)
     if meta.get("params") == "checkpoints":  # a training workdir: its latest checkpoint
         from alignjax.checkpoint import Checkpointer
+        name = slot or meta.get("slot", "policy")
         ckpt = Checkpointer(path, every=1)
-        try:  # the newest checkpoint that restores; damaged newer ones are moved aside
+        try:
+            if not own_slot:
+                stored_head = checked(_slot_head(ckpt, name, path))
+            abstract, _ = abstract_params(build_module(config, stored_head), mesh, rules)
+            # the newest checkpoint that restores; damaged newer ones are moved aside
             step, params = ckpt.restore_newest(lambda s: ckpt.restore_params(
-                s, abstract, _params_key(ckpt, s, meta.get("slot", "policy"))))
+                s, abstract, _params_key(ckpt, s, name)))
         finally:
             ckpt.close()
         if step is None:
             raise ConfigError(f"{path}: training workdir without any checkpoint yet")
     else:
-        params = restore_params(os.path.join(path, "params"), abstract)
+        params = restore_params(os.path.join(path, "params"),
+                                abstract_params(build_module(config, stored_head), mesh, rules)[0])
+    module = build_module(config, stored_head)
     tok_dir = os.path.join(path, "tokenizer")
     extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format", "params", "slot")}
-    extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json"))
+    # the workdir's generation settings belong to the slot it loads as (the policy)
+    extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json")) if own_slot else None
     return LoadedModel(config, stored_head, module, params, mesh, rules,
                        tok_dir if os.path.isdir(tok_dir) else None, extra)
+
+
+def _slot_head(ckpt, slot: str, path: str) -> str:
+    """The head of trained slot `slot`, from the tree metadata of the newest checkpoint that has
+    readable metadata (no array is read): a scalar slot has a "score" kernel."""
+    tree, step = None, None
+    for step in sorted(ckpt.manager.all_steps(), reverse=True):
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                tree = reader.metadata(os.path.join(ckpt.directory, str(step), "state")).item_metadata.tree
+            layout_ok = _params_key(ckpt, step, slot) != ("params",)
+            break
+        except Exception:  # a damaged checkpoint: the restore below reports and moves it aside
+            continue
+    if tree is None:
+        raise ConfigError(f"{path}: training workdir without any readable checkpoint")
+    slots = tree.get("params", {}) if layout_ok else {}
+    if slot not in slots:
+        raise UserError(f"--slot {slot}: the checkpoint {step} of {path} has no trained slot "
+                        f"{slot!r}; it has: {', '.join(sorted(slots)) or 'none (a single-model run)'}")
+    return "scalar" if "score" in slots[slot].get("params", {}) else "lm"
 
 
 def _params_key(ckpt, step: int, slot: str) -> tuple:
