@@ -24,6 +24,7 @@ EPILOG = """examples:
   alignjax sample --model runs/sft --prompts toy --reward toy --mode pairs --n 4 --out pairs.jsonl
   alignjax bench forward --preset small --batch 8 --seq-len 256
   alignjax bench train --algorithm dpo --preset medium --batch 1,8 --seq-len 64
+  alignjax bench rollout --preset small --batch 8,32 --seq-len 64 --new-tokens 32
 """
 
 
@@ -208,7 +209,7 @@ def cmd_bench(args):
     results = bench.run_batches(args.what, args.batch, preset=args.preset, hf_config=args.hf_config,
                                 seq_len=args.seq_len, new_tokens=args.new_tokens, steps=args.steps,
                                 dtype=args.dtype, mesh=parse_mesh(args.mesh), with_torch=not args.no_torch,
-                                algorithm=args.algorithm)
+                                algorithm=args.algorithm, samples_per_prompt=args.samples_per_prompt)
     print(bench.format_result(results[0]) if len(results) == 1 else bench.format_table(results))
     if args.json:  # one batch: the result object; several: {"results": [one per batch]}
         with open(args.json, "w") as f:
@@ -405,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="tokens/s (and MFU) of alignjax vs transformers (PyTorch)")
-    p.add_argument("what", choices=("forward", "generate", "train"))
+    p.add_argument("what", choices=("forward", "generate", "rollout", "train"))
     p.add_argument("--algorithm", choices=("sft", "dpo"), default="sft",
                    help="train: the step to time (dpo: --batch counts pairs, with a frozen reference)")
     p.add_argument("--preset", default="small", help="model size preset: tiny, small, medium, 1b")
@@ -413,8 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_batch_list, default=[8],
                    help="batch size, or a comma-separated list (1,8,32,64): one table row each")
     p.add_argument("--seq-len", type=int, default=256,
-                   help="forward/train: sequence length; generate: prompt length")
-    p.add_argument("--new-tokens", type=int, default=64, help="generate: tokens per sequence")
+                   help="forward/train: sequence length; generate/rollout: prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="generate/rollout: tokens per sequence")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="rollout: responses per prompt (--batch counts responses)")
     p.add_argument("--steps", type=int, default=5, help="timed repetitions after warm-up")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")

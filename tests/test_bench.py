@@ -53,3 +53,31 @@ def test_bench_bad_batch_is_one_line(args, message, capsys):
         cli_main(["bench", "train", "--preset", "tiny", "--seq-len", "8", "--no-torch"] + args)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # two rollout samplers + transformers.generate: ~50 s on the loaded 2-core machine
+def test_bench_rollout_table_and_json(tmp_path, capsys):
+    out = tmp_path / "rollout.json"
+    cli_main(["bench", "rollout", "--preset", "tiny", "--batch", "8,16", "--samples-per-prompt", "2",
+              "--seq-len", "8", "--new-tokens", "4", "--steps", "1", "--json", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("bench rollout: preset=tiny") and "batch=8,16" in lines[0]
+    assert "samples_per_prompt=2 temperature=0.7" in lines[0]
+    rows = [ln.split() for ln in lines if ln.split() and ln.split()[0] in ("8", "16")]
+    assert [r[0] for r in rows] == ["8", "16"] and all(r[-1].endswith("x") for r in rows)
+    results = json.loads(out.read_text())["results"]
+    for r, batch in zip(results, (8, 16)):
+        assert (r["what"], r["batch"], r["new_tokens"], r["samples_per_prompt"]) == ("rollout", batch, 4, 2)
+        # Both sides generate every response in full: batch / 2 prompts x 2 samples x 4 tokens.
+        assert r["alignjax_tokens_per_call"] == r["torch_tokens_per_call"] == batch * 4
+        assert r["alignjax_tokens_per_s"] * r["alignjax_s_per_call"] == pytest.approx(batch * 4)
+        assert r["torch_tokens_per_s"] * r["torch_s_per_call"] == pytest.approx(batch * 4)
+        assert r["speedup"] == pytest.approx(r["alignjax_tokens_per_s"] / r["torch_tokens_per_s"])
+
+
+def test_bench_rollout_batch_not_a_multiple_of_samples_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "rollout", "--preset", "tiny", "--batch", "8", "--samples-per-prompt", "3",
+                  "--no-torch"])
+    err = capsys.readouterr().err
+    assert "--batch 8 is not a multiple of --samples-per-prompt 3" in err and "Traceback" not in err

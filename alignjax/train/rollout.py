@@ -123,14 +123,17 @@ class Roller:
     """One sampler (the fast KV-cache engine) and one scoring program per rollout shape."""
 
     def __init__(self, policy_module, mesh, rules, tokenizer, settings: RolloutSettings, *,
-                 reward=None, value_module=None, ref_module=None, cache_dtype=None):
+                 reward=None, value_module=None, ref_module=None, cache_dtype=None,
+                 eos_ids=None, pad_id=None):
+        """`eos_ids` / `pad_id`: default the tokenizer's stop tokens and pad (given both, `sample`
+        needs no tokenizer: `alignjax bench rollout` samples without stop tokens)."""
         from alignjax.data.tokenizer import stop_token_ids
         from alignjax.model.generate import Generator
         self.policy_module, self.value_module, self.ref_module = policy_module, value_module, ref_module
         self.mesh, self.rules, self.tokenizer = mesh, rules, tokenizer
         self.settings, self.reward = settings, reward
-        self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_ids = stop_token_ids(tokenizer)
+        self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
+        self.eos_ids = stop_token_ids(tokenizer) if eos_ids is None else tuple(eos_ids)
         self.generator = Generator(policy_module, mesh, rules, eos_ids=self.eos_ids,
                                    pad_id=self.pad_id, prompt_buckets=(settings.max_prompt_len,),
                                    cache_dtype=cache_dtype)
