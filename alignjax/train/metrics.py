@@ -1,9 +1,12 @@
-"""Metrics to three places: a progress bar, WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb)."""
+"""Metrics to three places: a progress bar, WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb).
+An online algorithm's rollout samples (WORKDIR/samples/step_N.jsonl) also go to TensorBoard's
+text tab ("samples", at step N)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Optional
 
@@ -162,6 +165,8 @@ class MetricsWriter:
         self._tb = self._bar = None
         if not self.enabled:
             return
+        self.samples_dir = os.path.join(workdir, "samples")
+        self._step = self._samples_done = resume_step  # a resumed run sent its samples already
         os.makedirs(workdir, exist_ok=True)
         _truncate_history(self.path, resume_step)
         try:
@@ -189,14 +194,46 @@ class MetricsWriter:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, n: int = 1):
+        """The end of `n` more steps."""
         if self._bar is not None:
             self._bar.update(n)
+        if self._tb is not None:
+            self._step += n
+            self._write_samples()
+
+    def _write_samples(self):
+        """Sample files of the steps done since the last call -> TensorBoard text, each once.
+        A file of a later step (left by a killed run, rewritten when its step comes) waits."""
+        if not os.path.isdir(self.samples_dir):
+            return
+        steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.jsonl").fullmatch,
+                                                 os.listdir(self.samples_dir)) if m]
+        for step in sorted(n for n in steps if self._samples_done < n <= self._step):
+            with open(os.path.join(self.samples_dir, f"step_{step}.jsonl"), encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self._tb.add_text("samples", samples_markdown(rows), step)
+            self._tb.flush()
+        self._samples_done = self._step
 
     def close(self):
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def samples_markdown(rows: list[dict]) -> str:
+    """Sample rows ({"prompt", "response", "score"}) as a markdown table (TensorBoard's text tab
+    renders markdown): one column per key, newlines as <br>, pipes escaped."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _to_py(v):
