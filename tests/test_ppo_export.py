@@ -92,3 +92,13 @@ def test_bad_slot_is_one_clear_line(workdir, tmp_path, capsys):
                   "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert "--slot reference" in err and "policy, value" in err and "Traceback" not in err
+
+
+def test_slot_of_a_model_directory_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        cli_main(["convert", "alignjax-to-hf", "--ckpt", str(tmp_path / "hf"), "--slot", "value",
+                  "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert "--slot value" in err and "is not a training workdir" in err and "Traceback" not in err
