@@ -16,6 +16,8 @@ from alignjax.config import load_config
 from alignjax.model.store import load_model
 from alignjax.train import run_training
 
+pytestmark = pytest.mark.slow  # one PPO step trains the workdir: ~90 s on the loaded 2-core machine
+
 OVERRIDES = [
     # one PPO step of a small random model; the value learning rate is large so that the value
     # model (zero score head at the start) gives values far from zero after that one update
