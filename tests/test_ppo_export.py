@@ -16,8 +16,6 @@ from alignjax.config import load_config
 from alignjax.model.store import load_model
 from alignjax.train import run_training
 
-pytestmark = pytest.mark.slow  # one PPO step trains the workdir: ~90 s on the loaded 2-core machine
-
 OVERRIDES = [
     # one PPO step of a small random model; the value learning rate is large so that the value
     # model (zero score head at the start) gives values far from zero after that one update
@@ -29,6 +27,7 @@ OVERRIDES = [
 ]
 
 
+# The tests that use it are slow: one PPO step trains the workdir (~90 s on the loaded 2-core machine).
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ppo") / "run"
@@ -48,6 +47,7 @@ def _batch(pad=0):
     return tokens, segments, positions, np.array(lengths)
 
 
+@pytest.mark.slow
 def test_value_slot_exports_as_sequence_classification(workdir, tmp_path):
     cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--slot", "value",
               "--out", str(tmp_path / "value")])
@@ -75,6 +75,7 @@ def test_value_slot_exports_as_sequence_classification(workdir, tmp_path):
     np.testing.assert_allclose(last, ours[np.arange(3), lengths - 1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_policy_exports_as_causal_lm(workdir, tmp_path):
     cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "policy")])
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
@@ -88,6 +89,7 @@ def test_policy_exports_as_causal_lm(workdir, tmp_path):
     np.testing.assert_allclose(ref[real], ours[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_bad_slot_is_one_clear_line(workdir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--slot", "reference",
