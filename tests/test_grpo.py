@@ -19,7 +19,7 @@ from alignjax import sharding as shd
 from alignjax.config import load_config
 from alignjax.model.config import ConfigError, LlamaConfig
 from alignjax.model.params import abstract_params, build_module
-from alignjax.train import grpo
+from alignjax.train import grpo, online
 from alignjax.train import rollout as ro
 from alignjax.train.rollout import sequence_inputs
 from test_ppo_rollout import random_params
@@ -105,7 +105,8 @@ def test_producer_advantages_equal_numpy(rollout, method):
     texts, ids, batch, info = rollout
     s = dataclasses.replace(grpo.GRPOSettings(), samples_per_prompt=K, max_prompt_len=P,
                             max_new_tokens=N, rows=len(texts) * K, **METHODS[method])
-    producer = grpo.Producer(_Replay(texts, ids, batch, info), s, grpo.HostState(_Prompts(texts, ids)))
+    producer = online.Producer(_Replay(texts, ids, batch, info), s, _Prompts(texts, ids),
+                               grpo.make_process(s))
     out, metrics = producer({"params": {}}, {}, step=1)
     mask = batch["response_mask"]
     adv, scores = ref.critic_free_advantages(
@@ -134,7 +135,7 @@ def test_grpo_with_beta_carries_reference_logps(rollout):
     texts, ids, batch, info = rollout
     s = dataclasses.replace(grpo.GRPOSettings(), samples_per_prompt=K, max_prompt_len=P,
                             max_new_tokens=N, rows=len(texts) * K, beta=0.04)
-    out, metrics = grpo.Producer(_Replay(*rollout), s, grpo.HostState(_Prompts(texts, ids)))(
+    out, metrics = online.Producer(_Replay(*rollout), s, _Prompts(texts, ids), grpo.make_process(s))(
         {"params": {}}, {}, step=1)
     np.testing.assert_array_equal(out["ref_logps"], batch["ref_logps"])
     assert "kl" not in metrics  # GRPO's kl is the update's (k3 in the loss)

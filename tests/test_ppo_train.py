@@ -9,7 +9,7 @@ import json
 import pytest
 
 from alignjax.config import load_config
-from alignjax.train import ppo, run_training
+from alignjax.train import online, run_training
 
 OVERRIDES = [
     # a small random model on the toy suite: the point is the loop, not learning
@@ -43,7 +43,7 @@ def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     assert want[1]["kl_coef"] == pytest.approx(0.05) and want[3]["kl_coef"] != want[2]["kl_coef"]
 
     # The same run, stopped while producing step 3 (after checkpoint 2), then resumed.
-    call = ppo.Producer.__call__
+    call = online.Producer.__call__
 
     def stop_at_3(self, state, frozen, step, rng=None):
         if step == 3:
@@ -51,10 +51,10 @@ def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
         return call(self, state, frozen, step, rng)
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(ppo.Producer, "__call__", stop_at_3)
+    monkeypatch.setattr(online.Producer, "__call__", stop_at_3)
     with pytest.raises(KeyboardInterrupt):
         run_training(config, str(cut))
-    monkeypatch.setattr(ppo.Producer, "__call__", call)
+    monkeypatch.setattr(online.Producer, "__call__", call)
     run_training(config, str(cut))
     got = _rows(cut)
     for step in (1, 2, 3):

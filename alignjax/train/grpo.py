@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.errors import UserError
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
 from alignjax.train.registry import AlgorithmSpec
@@ -302,62 +300,19 @@ def abstract_batch(config, s: GRPOSettings) -> dict:
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in out.items()}
 
 
-# ---- host state and the producer ----------------------------------------------------------------
+# ---- the producer's part ------------------------------------------------------------------------
 
-class HostState:
-    """What the run keeps outside the train state: the prompt position (checkpointed)."""
+def make_process(s: GRPOSettings):
+    """process(rollout batch) -> (update batch, scores, metrics) for alignjax.train.online.Producer."""
+    keys = ("logps", "response_mask", "scores", "contains_eos") + (
+        ("ref_logps",) if s.needs_reference else ())
 
-    def __init__(self, prompts):
-        self.prompts = prompts
-
-    def get_state(self) -> dict:
-        return {"prompts": self.prompts.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.prompts.set_state(state["prompts"])
-
-
-class Producer:
-    """(state, frozen, step, rng) -> (process-local update batch, rollout metrics)."""
-
-    def __init__(self, roller, settings: GRPOSettings, host: HostState, samples=None,
-                 toy_eval=None, is_log_step=lambda step: True):
-        self.roller, self.s, self.host, self.samples = roller, settings, host, samples
-        self.toy_eval, self.is_log_step = toy_eval, is_log_step
-        self.pending: dict = {}  # eval results wait for the next step the loop logs
-        self.rollout_end: Optional[float] = None
-
-    def __call__(self, state, frozen, step: int, rng=None):
-        s = self.s
-        # The previous step's updates run asynchronously: wait, so timing/rollout is sampling
-        # alone and timing/update the wall time from the end of the last rollout to now.
-        jax.block_until_ready(state["params"])
-        start = time.perf_counter()
-        update_time = start - self.rollout_end if self.rollout_end is not None else None
-        texts, ids = self.host.prompts.take(s.prompts_per_step)
-        seed = s.seed * 1_000_003 + int(step)  # a resumed run samples what this one would
-        batch, info = self.roller.rollout(state["params"], frozen, texts, ids, seed)
-        t0 = time.perf_counter()
-        keys = ("logps", "response_mask", "scores", "contains_eos") + (
-            ("ref_logps",) if s.needs_reference else ())
+    def process(batch):
         adv = jax.device_get(advantages({k: batch[k] for k in keys}, s))
         metrics = {k: float(v) for k, v in adv["metrics"].items()}
-        roll_time = info["timing/rollout"]
-        metrics.update({"timing/rollout": roll_time,
-                        "timing/score": info["timing/score"] + time.perf_counter() - t0,
-                        "rollout_tokens_per_s": info["rollout_tokens"] / max(roll_time, 1e-9),
-                        "episode": float(step * s.rows)})
-        if update_time is not None:
-            metrics["timing/update"] = update_time
-        if self.samples is not None:
-            self.samples(int(step), info, adv["scores"])
-        if self.toy_eval is not None:
-            self.pending.update(self.toy_eval(int(step), state["params"]["policy"]))
-        if self.pending and self.is_log_step(int(step)):
-            metrics.update(self.pending)
-            self.pending = {}
-        self.rollout_end = time.perf_counter()
-        return update_batch(batch, adv, s), metrics
+        return update_batch(batch, adv, s), adv["scores"], metrics
+
+    return process
 
 
 # ---- registry hooks -----------------------------------------------------------------------------
@@ -379,65 +334,27 @@ def sums(config, s: GRPOSettings, modules: dict):
     return make_sums_fn(modules["policy"], s), metrics_fn
 
 
-def check_mesh(s: GRPOSettings, mesh, rules) -> None:
-    """Every micro-batch of an update must split over the mesh's batch axes."""
-    from alignjax import sharding as shd
-    n = shd.axis_size(mesh, dict(rules).get("batch"))
-    micro = s.rows // s.num_minibatches // s.grad_accum_steps
-    if micro % n:
-        raise ConfigError(
-            f"grpo.num_minibatches={s.num_minibatches}: a micro-batch of {micro} responses "
-            f"(train.batch_size {s.rows} / grpo.num_minibatches / train.grad_accum_steps "
-            f"{s.grad_accum_steps}) does not split over the {n} data-parallel devices; make it a "
-            f"multiple of {n}")
-
-
-def _encoder(tokenizer, limit: int):
-    """Chat-encodes prompts; one longer than grpo.max_prompt_len is a one-line UserError."""
-    from alignjax.train.rollout import encode_chat_prompts
-
-    def encode(texts):
-        ids = encode_chat_prompts(tokenizer, texts)
-        for text, row in zip(texts, ids):
-            if len(row) > limit:
-                raise UserError(f"data.train: the prompt {text[:40]!r}... has {len(row)} tokens "
-                                f"with the chat template, more than grpo.max_prompt_len={limit}; "
-                                "raise grpo.max_prompt_len or drop the longer prompts")
-        return ids
-
-    return encode
-
-
 def build(config, workdir: str, run, s: GRPOSettings, modules: dict, loader=None):
     """The Algorithm: a rollout producer around `sums` (rl-seam.md)."""
     from alignjax.rewards import build_reward
     from alignjax.sampling import read_prompts
+    from alignjax.train import online
     from alignjax.train.loop import Algorithm
-    from alignjax.train.ppo import PromptStream, SampleLog, ToyEval
-    from alignjax.train.rollout import Roller
-    limit = run.model_config.max_position_embeddings
-    if s.max_prompt_len + s.max_new_tokens > limit:
-        raise ConfigError(f"grpo.max_prompt_len={s.max_prompt_len} + grpo.max_new_tokens="
-                          f"{s.max_new_tokens} exceeds the model's max_position_embeddings {limit}; "
-                          "lower one of them")
-    check_mesh(s, run.mesh, run.rules)
+    from alignjax.train.rollout import Roller, encode_chat_prompts
+    online.check_rollout(s, "grpo", run.mesh, run.rules, run.model_config.max_position_embeddings)
     reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
                           normalize=s.reward_normalize, what="grpo.reward",
                           seq_len=s.max_prompt_len + s.max_new_tokens + 1,
                           runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
-    prompts = PromptStream(read_prompts(s.prompts), _encoder(run.tokenizer, s.max_prompt_len),
-                           s.seed, s.max_prompt_len)
+    prompts = online.PromptStream(read_prompts(s.prompts),
+                                  lambda t: encode_chat_prompts(run.tokenizer, t), s.seed,
+                                  s.max_prompt_len, key="grpo.max_prompt_len")
     roller = Roller(modules["policy"], run.mesh, run.rules, run.tokenizer, s.rollout, reward=reward,
                     ref_module=modules.get("reference") if s.needs_reference else None)
-    host = HostState(prompts)
-    every = int(config.train.get("eval_every", 0) or 0)
-    toy_eval = ToyEval(roller, every) if s.prompts == "toy" and every else None
-    log_every, steps = int(config.train.log_every), int(config.train.steps)
-    producer = Producer(roller, s, host, SampleLog(workdir, every), toy_eval,
-                        lambda step: step % log_every == 0 or step == steps)
+    producer = online.build_producer(config, workdir, roller, s, prompts, make_process(s))
     sums_fn, mfn = sums(config, s, modules)
     return Algorithm("grpo", sums_fn, mfn, producer=producer, epochs=s.epochs,
-                     num_minibatches=s.num_minibatches, host_state=host)
+                     num_minibatches=s.num_minibatches, host_state=online.HostState(prompts=prompts))
 
 
 SPEC = AlgorithmSpec("grpo", settings, slots, sums, abstract_batch, build)

@@ -23,14 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.errors import UserError
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import sums_to_means
@@ -327,149 +325,22 @@ def abstract_batch(config, s: PPOSettings) -> dict:
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in out.items()}
 
 
-# ---- prompts (host state) -----------------------------------------------------------------------
+# ---- the producer's PPO part --------------------------------------------------------------------
 
-class PromptStream:
-    """Prompts in a seeded shuffled order, epoch after epoch; its position is checkpointed.
+def make_process(s: PPOSettings, kl: KLController):
+    """process(rollout batch) -> (update batch, scores, metrics) for alignjax.train.online.Producer:
+    the advantages at the current KL coefficient, then the controller's update."""
 
-    Prompts are encoded when drawn (`encode`: texts -> token ids); one longer than `max_len`
-    stops the run with a one-line error naming its record in `source`."""
-
-    def __init__(self, texts, encode, seed: int, max_len: int, source: str = "data.train"):
-        self.texts, self.encode, self.seed = list(texts), encode, int(seed)
-        self.max_len, self.source = int(max_len), source
-        self.epoch, self.position = 0, 0
-
-    def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.texts))
-
-    def take(self, n: int):
-        picked = []
-        while len(picked) < n:
-            order = self._order()
-            picked.append(int(order[self.position]))
-            self.position += 1
-            if self.position == len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-        texts = [self.texts[i] for i in picked]
-        ids = self.encode(texts)
-        for i, row in zip(picked, ids):
-            if len(row) > self.max_len:
-                raise UserError(f"{self.source}: prompt {i} has {len(row)} tokens with the chat "
-                                f"template, more than ppo.max_prompt_len={self.max_len}; raise "
-                                "ppo.max_prompt_len or drop the longer prompts")
-        return texts, ids
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-class HostState:
-    """What PPO keeps outside the train state: the KL controller and the prompt position."""
-
-    def __init__(self, kl: KLController, prompts: PromptStream):
-        self.kl, self.prompts = kl, prompts
-
-    def get_state(self) -> dict:
-        return {"kl": self.kl.get_state(), "prompts": self.prompts.get_state()}
-
-    def set_state(self, state: dict) -> None:
-        self.kl.set_state(state["kl"])
-        self.prompts.set_state(state["prompts"])
-
-
-# ---- the producer -------------------------------------------------------------------------------
-
-class SampleLog:
-    """A few prompt / response / score rows of a rollout -> WORKDIR/samples/step_N.jsonl at steps
-    1, every + 1, ... (train.eval_every; 0 = never), as ToyEval: the model after N - 1 steps."""
-
-    def __init__(self, workdir: str, every: int, rows: int = 8):
-        self.workdir, self.every, self.rows = workdir, every, rows
-
-    def __call__(self, step: int, info: dict, scores) -> None:
-        import os
-        if not self.every or (step - 1) % self.every or jax.process_index() != 0:
-            return
-        path = os.path.join(self.workdir, "samples", f"step_{step}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for p, c, r in list(zip(info["prompts"], info["completions"], scores))[:self.rows]:
-                f.write(json.dumps({"prompt": p, "response": c, "score": float(r)},
-                                   ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-
-
-class ToyEval:
-    """Held-out greedy checker accuracy of the policy on the toy suite (alignjax.eval.toy) at
-    steps 1, every + 1, 2 every + 1, ...: the producer runs before its step's updates, so these
-    measure the model after 0, every, 2 every, ... steps (`eval/toy_accuracy_step` says which)."""
-
-    def __init__(self, roller, every: int, n: int = 200):
-        from alignjax.model.generate import Generator
-        self.every, self.n, self.roller = every, n, roller
-        self.generator = Generator(roller.policy_module, roller.mesh, roller.rules,
-                                   eos_ids=roller.eos_ids, pad_id=roller.pad_id)
-
-    def __call__(self, step: int, policy_params) -> dict:
-        from alignjax.eval.toy import toy_accuracy
-        if not self.every or (step - 1) % self.every:
-            return {}
-        r = self.roller
-        acc = toy_accuracy(r.policy_module, policy_params, r.mesh, r.rules, r.tokenizer, n=self.n,
-                           generator=self.generator)
-        return {"eval/toy_accuracy": acc["accuracy"], "eval/toy_accuracy_step": float(step - 1)}
-
-
-class Producer:
-    """(state, frozen, step, rng) -> (process-local update batch, rollout metrics)."""
-
-    def __init__(self, roller, settings: PPOSettings, host: HostState,
-                 samples: Optional[SampleLog] = None, toy_eval: Optional[ToyEval] = None,
-                 is_log_step=lambda step: True):
-        self.roller, self.s, self.host, self.samples = roller, settings, host, samples
-        self.toy_eval, self.is_log_step = toy_eval, is_log_step
-        self.pending: dict = {}  # eval results wait for the next step the loop logs
-        self.rollout_end: Optional[float] = None
-
-    def __call__(self, state, frozen, step: int, rng=None):
-        s = self.s
-        # The previous step's updates run asynchronously: wait for them, so timing/rollout is
-        # sampling alone and timing/update the wall time from the end of the last rollout to now
-        # (its updates, logging and checkpointing).
-        jax.block_until_ready(state["params"])
-        start = time.perf_counter()
-        update_time = start - self.rollout_end if self.rollout_end is not None else None
-        texts, ids = self.host.prompts.take(s.prompts_per_step)
-        # The seed depends only on (train.seed, step): a resumed run samples what this one would.
-        seed = s.seed * 1_000_003 + int(step)
-        batch, info = self.roller.rollout(state["params"], frozen, texts, ids, seed)
-        kl_coef = self.host.kl.value
-        t0 = time.perf_counter()
+    def process(batch):
+        kl_coef = kl.value
         adv = jax.device_get(advantages({k: batch[k] for k in (
             "logps", "ref_logps", "values", "response_mask", "scores", "contains_eos")}, s,
             jnp.float32(kl_coef)))
         metrics = {k: float(v) for k, v in adv["metrics"].items()}
-        self.host.kl.update(metrics["objective/kl"], s.rows)
-        roll_time = info["timing/rollout"]
-        metrics.update({"timing/rollout": roll_time, "timing/score": info["timing/score"] +
-                        time.perf_counter() - t0,
-                        "rollout_tokens_per_s": info["rollout_tokens"] / max(roll_time, 1e-9),
-                        "episode": float(step * s.rows)})
-        if update_time is not None:
-            metrics["timing/update"] = update_time
-        if self.samples is not None:
-            self.samples(int(step), info, adv["scores"])
-        if self.toy_eval is not None:
-            self.pending.update(self.toy_eval(int(step), state["params"]["policy"]))
-        if self.pending and self.is_log_step(int(step)):
-            metrics.update(self.pending)
-            self.pending = {}
-        self.rollout_end = time.perf_counter()
-        return update_batch(batch, adv, s, kl_coef), metrics
+        kl.update(metrics["objective/kl"], s.rows)
+        return update_batch(batch, adv, s, kl_coef), adv["scores"], metrics
+
+    return process
 
 
 # ---- registry hooks (alignjax.train.registry) ----------------------------------------------------
@@ -550,44 +421,25 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
     """The PPO Algorithm: a rollout producer around `sums` (rl-seam.md)."""
     from alignjax.rewards import build_reward
     from alignjax.sampling import read_prompts
+    from alignjax.train import online
     from alignjax.train.loop import Algorithm
     from alignjax.train.rollout import Roller, encode_chat_prompts
+    online.check_rollout(s, "ppo", run.mesh, run.rules, run.model_config.max_position_embeddings)
     reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
                           normalize=s.reward_normalize, what="ppo.reward",
                           seq_len=s.max_prompt_len + s.max_new_tokens + 1,
                           runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
-    check_mesh(s, run.mesh, run.rules)
-    limit = run.model_config.max_position_embeddings
-    if s.max_prompt_len + s.max_new_tokens > limit:
-        raise ConfigError(f"ppo.max_prompt_len={s.max_prompt_len} + ppo.max_new_tokens="
-                          f"{s.max_new_tokens} exceeds the model's max_position_embeddings {limit}; "
-                          "lower one of them")
-    prompts = PromptStream(read_prompts(s.prompts), lambda t: encode_chat_prompts(run.tokenizer, t),
-                           s.seed, s.max_prompt_len)
+    prompts = online.PromptStream(read_prompts(s.prompts),
+                                  lambda t: encode_chat_prompts(run.tokenizer, t), s.seed,
+                                  s.max_prompt_len, key="ppo.max_prompt_len")
     roller = Roller(modules["policy"], run.mesh, run.rules, run.tokenizer, s.rollout,
                     reward=reward, value_module=modules["value"], ref_module=modules["reference"])
-    host = HostState(KLController(s.kl_coef, s.kl_target, s.kl_horizon), prompts)
+    kl = KLController(s.kl_coef, s.kl_target, s.kl_horizon)
+    producer = online.build_producer(config, workdir, roller, s, prompts, make_process(s, kl))
     sums_fn, mfn = sums(config, s, modules)
-    every = int(config.train.get("eval_every", 0) or 0)
-    toy_eval = ToyEval(roller, every) if s.prompts == "toy" and every else None
-    log_every, steps = int(config.train.log_every), int(config.train.steps)
-    producer = Producer(roller, s, host, SampleLog(workdir, every), toy_eval,
-                        lambda step: step % log_every == 0 or step == steps)
-    return Algorithm("ppo", sums_fn, mfn, producer=producer,
-                     epochs=s.epochs, num_minibatches=s.num_minibatches, host_state=host)
-
-
-def check_mesh(s: PPOSettings, mesh, rules) -> None:
-    """Every micro-batch of an update must split over the mesh's batch axes."""
-    from alignjax import sharding as shd
-    n = shd.axis_size(mesh, dict(rules).get("batch"))
-    micro = s.rows // s.num_minibatches // s.grad_accum_steps
-    if micro % n:
-        raise ConfigError(
-            f"ppo.num_minibatches={s.num_minibatches}: a micro-batch of {micro} responses "
-            f"(train.batch_size {s.rows} / ppo.num_minibatches / train.grad_accum_steps "
-            f"{s.grad_accum_steps}) does not split over the {n} data-parallel devices; make it a "
-            f"multiple of {n}")
+    return Algorithm("ppo", sums_fn, mfn, producer=producer, epochs=s.epochs,
+                     num_minibatches=s.num_minibatches,
+                     host_state=online.HostState(kl=kl, prompts=prompts))
 
 
 SPEC = AlgorithmSpec("ppo", settings, slots, sums, abstract_batch, build)
