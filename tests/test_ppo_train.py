@@ -41,6 +41,8 @@ def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
                 "response_length", "kl_coef"):
         assert key in want[3], key
     assert want[1]["kl_coef"] == pytest.approx(0.05) and want[3]["kl_coef"] != want[2]["kl_coef"]
+    raw = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert raw[-1]["tokens_per_s"] > 0 and raw[-1]["mfu"] > 0  # query + response tokens count
 
     # The same run, stopped while producing step 3 (after checkpoint 2), then resumed.
     call = online.Producer.__call__

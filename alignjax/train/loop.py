@@ -185,8 +185,7 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                 else:
                     local, produced = next(algo.train_iterator), {}
                 waited, steps_since = waited + time.perf_counter() - wait_start, steps_since + 1
-                if "tokens" in local:
-                    tokens_since += np.asarray(local["tokens"]).size * algo.epochs * jax.process_count()
+                tokens_since += _batch_tokens(local) * algo.epochs * jax.process_count()
                 step_metrics = []
                 for mb in minibatches(local, step, seed, algo.epochs, algo.num_minibatches):
                     state, metrics = step_fn(state, to_global(mb, run.mesh, run.rules), frozen)
@@ -228,6 +227,12 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
     finally:
         writer.close()
     return {"state": state, "metrics": last}
+
+
+def _batch_tokens(batch: dict) -> int:
+    """Token positions a batch trains on: "tokens" offline; query + response of an online one."""
+    keys = ("tokens",) if "tokens" in batch else ("query", "response")
+    return sum(np.asarray(batch[k]).size for k in keys if k in batch)
 
 
 def _save(ckpt, step, state, algo: Algorithm, config, peak_source, force: bool):
