@@ -101,7 +101,7 @@ def base_config() -> ConfigDict:
 def _tiny(c: ConfigDict) -> None:
     # ~0.8M parameters; learns the toy suite in a few minutes on a 2-core CPU: held-out checker
     # accuracy 86.5-97.5% over four runs (the 200-prompt eval and the run both vary).
-    # on a 2-core CPU. The toy tokenizer has at most 512 tokens, so vocab_size=512 always fits it.
+    # The toy tokenizer has at most 512 tokens, so vocab_size=512 always fits it.
     c.model.update(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                    dtype="float32", remat_policy="none")
