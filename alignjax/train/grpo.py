@@ -336,19 +336,10 @@ def sums(config, s: GRPOSettings, modules: dict):
 
 def build(config, workdir: str, run, s: GRPOSettings, modules: dict, loader=None):
     """The Algorithm: a rollout producer around `sums` (rl-seam.md)."""
-    from alignjax.rewards import build_reward
-    from alignjax.sampling import read_prompts
     from alignjax.train import online
     from alignjax.train.loop import Algorithm
-    from alignjax.train.rollout import Roller, encode_chat_prompts
-    online.check_rollout(s, "grpo", run.mesh, run.rules, run.model_config.max_position_embeddings)
-    reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
-                          normalize=s.reward_normalize, what="grpo.reward",
-                          seq_len=s.max_prompt_len + s.max_new_tokens + 1,
-                          runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
-    prompts = online.PromptStream(read_prompts(s.prompts),
-                                  lambda t: encode_chat_prompts(run.tokenizer, t), s.seed,
-                                  s.max_prompt_len, key="grpo.max_prompt_len")
+    from alignjax.train.rollout import Roller
+    reward, prompts = online.reward_and_prompts(s, "grpo", run)
     roller = Roller(modules["policy"], run.mesh, run.rules, run.tokenizer, s.rollout, reward=reward,
                     ref_module=modules.get("reference") if s.needs_reference else None)
     producer = online.build_producer(config, workdir, roller, s, prompts, make_process(s))

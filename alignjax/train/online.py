@@ -185,6 +185,22 @@ def check_rollout(s, section: str, mesh, rules, max_positions: int) -> None:
             f"multiple of {n}")
 
 
+def reward_and_prompts(s, section: str, run):
+    """After check_rollout: the run's reward (`<section>.reward`, on the training mesh) and its
+    prompt stream (`<section>.prompts`, chat-encoded when drawn)."""
+    from alignjax.rewards import build_reward
+    from alignjax.sampling import read_prompts
+    from alignjax.train.rollout import encode_chat_prompts
+    check_rollout(s, section, run.mesh, run.rules, run.model_config.max_position_embeddings)
+    reward = build_reward(s.reward, mesh=run.mesh, rules=run.rules, policy_tokenizer=run.tokenizer,
+                          normalize=s.reward_normalize, what=f"{section}.reward",
+                          seq_len=s.max_prompt_len + s.max_new_tokens + 1,
+                          runtime={"dtype": s.ref_dtype, "param_dtype": s.ref_dtype})
+    prompts = PromptStream(read_prompts(s.prompts), lambda t: encode_chat_prompts(run.tokenizer, t),
+                           s.seed, s.max_prompt_len, key=f"{section}.max_prompt_len")
+    return reward, prompts
+
+
 def build_producer(config, workdir: str, roller, s, prompts: PromptStream, process: Callable,
                    ) -> Producer:
     """The Producer with the run's sample log, toy eval (toy prompts) and log steps."""
