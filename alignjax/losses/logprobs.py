@@ -37,7 +37,10 @@ def _chunk_stats(hidden_bce, kernel_ev, targets_bc, temperature, compute_dtype):
     # Upcast before the softmax: bf16 log-softmax loses ~3 significant digits.
     logits_bcv = logits_bcv.astype(jnp.float32) / temperature
     lse_bc = jax.nn.logsumexp(logits_bcv, axis=-1)
-    target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
+    # A select-and-sum, not a gather: its gradient is an elementwise select that fuses with the
+    # softmax's, where a gather's is a scatter (slow on CPU, serialised on TPU).
+    is_target_bcv = jnp.arange(logits_bcv.shape[-1]) == targets_bc[..., None]
+    target_logit_bc = jnp.sum(jnp.where(is_target_bcv, logits_bcv, 0.0), axis=-1)
     logps_bc = target_logit_bc - lse_bc
     probs_bcv = jnp.exp(logits_bcv - lse_bc[..., None])
     # H = log Z - E_p[z]; written this way it needs no log of small probabilities.
@@ -58,8 +61,8 @@ def token_stats(
     """log-probs, entropy and argmax-correctness of `targets_bt`.
 
     logits = hidden @ kernel / temperature (float32), logp_t = logits[target_t] - logsumexp(logits).
-    T is padded up to a multiple of `chunk_size` and sliced back; each chunk is rematerialised
-    in the backward pass (`jax.checkpoint`) so the gradient is chunked too.
+    T is padded up to a multiple of `chunk_size` and sliced back; with more than one chunk, each
+    is rematerialised in the backward pass (`jax.checkpoint`) so the gradient is chunked too.
     """
     b, t, e = hidden_bte.shape
     chunk = max(1, min(chunk_size, t))
@@ -72,12 +75,14 @@ def token_stats(
     hidden_nbce = hidden_bte.reshape(b, n_chunks, chunk, e).swapaxes(0, 1)
     targets_nbc = targets_bt.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(args):
         hidden_bce, targets_bc = args
         return _chunk_stats(hidden_bce, head_kernel_ev, targets_bc, temperature, compute_dtype)
 
-    outs = jax.lax.map(one_chunk, (hidden_nbce, targets_nbc))
+    if n_chunks == 1:  # nothing to chunk: rematerialising would only redo the head matmul
+        outs = jax.tree_util.tree_map(lambda o: o[None], one_chunk((hidden_nbce[0], targets_nbc[0])))
+    else:
+        outs = jax.lax.map(jax.checkpoint(one_chunk), (hidden_nbce, targets_nbc))
     logps_bt, entropy_bt, correct_bt = (
         o.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t] for o in outs
     )

@@ -170,8 +170,11 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _param(init, self.in_names + self.out_names),
                             x.shape[-n_in:] + tuple(self.out_shape), _dtype(c.param_dtype))
         dtype = _dtype(c.dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        # One 2-D matmul [rows, in] @ [in, out]: XLA:CPU runs multi-axis contractions (the weight
+        # gradient of a [B, T, E] input contracts B and T) far slower than the same flat GEMM.
+        lead, fan_in = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+        y = jnp.matmul(x.reshape(-1, fan_in).astype(dtype), kernel.reshape(fan_in, -1).astype(dtype))
+        y = y.reshape(lead + tuple(self.out_shape))
         if self.use_bias:
             bias = self.param("bias", _param(nn.initializers.zeros, self.out_names),
                               tuple(self.out_shape), _dtype(c.param_dtype))
@@ -212,9 +215,10 @@ class Attention(nn.Module):
             k_bksd, v_bksd = new_kv = tuple(
                 constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), at), KV_AXES)
                 for buf, x in zip(cache_kv, (k_bksd, v_bksd)))
-        q_bkgtd = q_bthd.reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)
+        # Scale q (T x D values) rather than the scores (T x S).
+        q_bkgtd = (q_bthd * (1.0 / math.sqrt(d))).reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)
         scores = jnp.einsum("bkgtd,bksd->bkgts", q_bkgtd, k_bksd.astype(q_bkgtd.dtype))
-        scores = scores.astype(jnp.float32) / math.sqrt(d)
+        scores = scores.astype(jnp.float32)
         scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(_dtype(c.dtype))
         out_bkgtd = jnp.einsum("bkgts,bksd->bkgtd", probs, v_bksd.astype(probs.dtype))
