@@ -52,7 +52,7 @@ import ml_collections
 
 from alignjax.data.formatting import FORMATS, PACKINGS, TRUNCATIONS
 from alignjax.errors import UserError
-from alignjax.model.config import REMAT_POLICIES, SUPPORTED_ROPE_TYPES, ConfigError
+from alignjax.model.config import LAYER_LOOPS, REMAT_POLICIES, SUPPORTED_ROPE_TYPES, ConfigError
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -324,6 +324,7 @@ _BETA = (lambda v: _is_num(v) and 0 <= v < 1, "must be in [0, 1)")
 _CHECKS = {
     "model.dtype": _one_of(*DTYPES), "model.param_dtype": _one_of(*DTYPES),
     "model.remat_policy": _one_of(*REMAT_POLICIES), "model.attention_impl": _one_of("xla", "flash"),
+    "model.layer_loop": _one_of(*LAYER_LOOPS),
     "data.train": (lambda v: isinstance(v, str) and v.strip() != "",
                    "name at least one source (.jsonl, .parquet, dataset dir, hf://name or toy)"),
     "data.eval": (lambda v: isinstance(v, str), "must be a string ('' = no eval data)"),

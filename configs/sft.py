@@ -36,6 +36,7 @@ def base_config() -> ConfigDict:
     m.param_dtype = "float32"  # master weights and optimizer state stay float32
     m.remat_policy = "full"  # none | full | dots | dots_with_no_batch_dims
     m.attention_impl = "xla"  # xla | flash (Pallas TPU flash attention; seq_len a multiple of 128)
+    m.layer_loop = "auto"  # scan | unroll | auto (unroll up to 16 layers: faster steps, longer compiles)
 
     c.tokenizer = ConfigDict()
     # "" = the tokenizer stored with model.init_from; "toy" = train a small one on the toy suite.

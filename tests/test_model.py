@@ -33,9 +33,13 @@ def test_logits_match_transformers(pair):
     hf, m = pair
     rng = np.random.RandomState(0)
     tokens = rng.randint(3, 160, (2, 24))
-    ours = _apply(m, tokens, np.tile(np.arange(24), (2, 1)), np.ones_like(tokens))
-    for b in range(2):
-        np.testing.assert_allclose(ours[b], _hf_logits(hf, tokens[b].tolist()), atol=TOL, rtol=0)
+    positions = np.tile(np.arange(24), (2, 1))
+    assert not m.module.scans  # 2 layers: layer_loop="auto" unrolls
+    for module in (m.module, m.module.clone(scan_layers=True)):
+        ours = np.asarray(module.apply(m.params, tokens.astype(np.int32), positions.astype(np.int32),
+                                       np.ones_like(tokens, np.int32))[0])
+        for b in range(2):
+            np.testing.assert_allclose(ours[b], _hf_logits(hf, tokens[b].tolist()), atol=TOL, rtol=0)
 
 
 def test_left_padded_batch_matches_unpadded_rows(pair):
@@ -113,3 +117,29 @@ def test_remat_and_bfloat16_compute_run():
     assert out16.dtype == np.dtype("bfloat16")
     out32 = build_module(cfg).apply(params, tokens, pos, seg)[0]
     assert np.abs(np.asarray(out16, np.float32) - np.asarray(out32)).max() < 0.1
+
+
+def test_scanned_and_unrolled_layers_agree_in_value_and_gradient():
+    """layer_loop only changes how the forward walks the (always stacked) layer params."""
+    import jax
+    from alignjax.model.config import LlamaConfig
+    from alignjax.model.params import build_module, init_params
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    assert not cfg.scans_layers and cfg.replace(layer_loop="scan").scans_layers
+    assert LlamaConfig(num_hidden_layers=32).scans_layers  # auto scans deep models
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = init_params(build_module(cfg), jax.random.PRNGKey(0), mesh)
+    assert params["params"]["layers"]["attn"]["q"]["kernel"].shape[0] == 3
+    tokens = np.random.RandomState(0).randint(0, 64, (8, 8)).astype(np.int32)
+    pos, seg = np.tile(np.arange(8), (8, 1)), np.ones_like(tokens)
+
+    def loss(loop):
+        mod = build_module(cfg.replace(layer_loop=loop))
+        with shd.mesh_context(mesh):
+            return jax.jit(jax.value_and_grad(lambda p: mod.apply(p, tokens, pos, seg)[0].std()))(params)
+
+    (l0, g0), (l1, g1) = loss("scan"), loss("unroll")
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    assert jax.tree_util.tree_structure(g0) == jax.tree_util.tree_structure(g1)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)

@@ -272,9 +272,23 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     head: str = "lm"
-    # False: one module per layer with params "layers_0", "layers_1", ... (see unstack_layers).
-    # The decode loop uses it: a scanned layer copies its weights out of the stack at every token.
-    scan_layers: bool = True
+    # None: as config.layer_loop says. False: one module per layer, reading "layers_0",
+    # "layers_1", ... (`apply` slices them out of the stored stack); the decode loop needs it, as
+    # a scanned layer would copy its weights out of the stack at every token.
+    scan_layers: Optional[bool] = None
+
+    @property
+    def scans(self) -> bool:
+        return self.config.scans_layers if self.scan_layers is None else self.scan_layers
+
+    def init(self, *args, **kwargs):
+        """Variables in the stored layout (layers stacked under "layers"), however `apply` runs."""
+        return super(Llama, self.clone(scan_layers=True)).init(*args, **kwargs)
+
+    def apply(self, variables, *args, **kwargs):
+        if not self.scans and "layers" in variables.get("params", {}):
+            variables = unstack_layers(variables, self.config.num_hidden_layers)
+        return super().apply(variables, *args, **kwargs)
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt, segment_ids_bt, cache: Optional[dict] = None,
@@ -292,9 +306,9 @@ class Llama(nn.Module):
             index = jnp.zeros((), jnp.int32)
             mask = attention_mask(segment_ids_bt, segment_ids_bt, jnp.arange(t), jnp.arange(t))
         else:
-            if self.scan_layers:
+            if self.scans:
                 raise ValueError("a KV cache holds one buffer per layer: decode with "
-                                 "Llama(scan_layers=False) and unstack_layers(params)")
+                                 "Llama(scan_layers=False)")
             index = cache["index"]
             kv_segments = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids_bt.astype(jnp.int32), (0, index))
@@ -305,7 +319,7 @@ class Llama(nn.Module):
         if c.remat_policy != "none":
             layer = nn.remat(layer, policy=_REMAT_POLICIES[c.remat_policy], prevent_cse=False)
         new_cache = None
-        if self.scan_layers:
+        if self.scans:
             stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -17,7 +17,7 @@ from alignjax.config import ARCH_KEYS
 from alignjax.model.config import ConfigError, LlamaConfig
 from alignjax.model.params import build_module
 
-RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "layer_loop")
 
 
 def rules(config) -> tuple:
