@@ -11,6 +11,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+# Fixtures that train a model: every test using one is in the slow tier (`make test-fast` skips it).
+TRAINING_FIXTURES = ("sft_run",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in TRAINING_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():

@@ -5,8 +5,9 @@ import pytest
 from alignjax.aot import libtpu_available
 from alignjax.cli import main as cli_main
 
-pytestmark = pytest.mark.skipif(not libtpu_available(),
-                                reason='libtpu (TPU compiler) not installed: pip install -e ".[tpu]"')
+pytestmark = [pytest.mark.slow,  # each compiles a 7B-70B sharded step for a TPU topology
+              pytest.mark.skipif(not libtpu_available(),
+                                 reason='libtpu (TPU compiler) not installed: pip install -e ".[tpu]"')]
 
 
 def test_llama2_7b_fits_v5p_64(capsys):

@@ -293,6 +293,7 @@ def _bias_towards(params, favourite, second, d0=0):
     return {"params": p}
 
 
+@pytest.mark.slow  # many decode loops
 def test_generator_never_emits_blocked_tokens_even_when_favoured(mesh):
     config = _tiny_config()
     module = build_module(config)

@@ -46,6 +46,7 @@ def test_flash_equals_xla_on_a_sharded_mesh():
     np.testing.assert_allclose(out["flash"][real], out["xla"][real], atol=1e-5)
 
 
+@pytest.mark.slow  # Pallas interpret mode, forward and backward
 def test_flash_gradients_equal_xla():
     # Unsharded: Pallas' interpret mode deadlocks in a shard_mapped backward on fake CPU devices.
     one = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])

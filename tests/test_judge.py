@@ -155,6 +155,7 @@ def _direct_preferences(model, tokenizer, template, instructions, firsts, second
     return np.array(out)
 
 
+@pytest.mark.slow  # a judge model scores every pair
 @pytest.mark.parametrize("template", ["rules", "mtbench"])
 def test_probability_verdicts_equal_the_judges_own_logits(lm_dir, template):
     judge = J.build_judge(f"llm:{lm_dir}", template=template, mode="prob", batch_size=8)

@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import optax
+import pytest
 
 from alignjax import sharding as shd
 from alignjax.config import load_config
@@ -99,6 +100,7 @@ def _by_hand(workdir, steps):
     return jax.device_get(params), losses
 
 
+@pytest.mark.slow  # several short training runs
 def test_producer_epochs_minibatches_equal_updates_by_hand_and_resume_exactly(tmp_path):
     """Two loop steps of 2 epochs x 2 minibatches, stopped after step 1 and resumed, end where 8
     plain updates by hand do: the minibatches, their order, the optimizer state, the data position

@@ -78,6 +78,7 @@ def _full_forward_values(module, params, q, qm, r, rm):
     return np.asarray(scores)[:, q.shape[1] - 1:-1]
 
 
+@pytest.mark.slow  # a whole rollout with four models
 def test_rollout_batch_shapes_logps_values_and_scores(setup):
     roller, params, frozen = setup
     tok = roller.tokenizer

@@ -28,6 +28,7 @@ def _rows(workdir):
     return {r["step"]: {k: v for k, v in r.items() if not k.startswith(NOISY)} for r in rows}
 
 
+@pytest.mark.slow  # trains PPO through the loop twice
 def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     config = load_config("configs/ppo.py:tiny", OVERRIDES)
     whole = tmp_path / "whole"

@@ -58,6 +58,7 @@ def _one_step(accum: int, mesh_sizes: dict):
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
 
+@pytest.mark.slow  # two train steps at two accumulation settings
 def test_gradient_accumulation_equals_one_big_batch():
     p1, m1 = _one_step(1, {"data": 8})
     p4, m4 = _one_step(4, {"data": 4, "tensor": 2})
