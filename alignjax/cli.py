@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="policy: alignjax model dir, training workdir or HF dir")
     p.add_argument("--prompts", required=True,
                    help="'toy' (toy-suite training prompts) or a JSONL/Parquet/dataset with 'prompt'")
-    p.add_argument("--reward", required=True, help="'toy' (the toy checker) or a reward-model path")
+    p.add_argument("--reward", required=True,
+                   help="reward spec: toy (the checker), a reward-model dir, python:FILE:FUNCTION, "
+                        "or a weighted sum such as 'toy + 0.5*runs/rm' (see README, Reward sources)")
     p.add_argument("--mode", choices=("best_of_n", "pairs", "ranked", "rso"), default="pairs")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (RSO: candidates, e.g. 64)")
@@ -484,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ev.add_parser("length", help="response length per model and its correlation with reward")
     p.add_argument("--model", action="append", required=True, help="model dir (repeatable)")
-    p.add_argument("--reward", required=True, help="reward spec: toy, a reward-model dir, ...")
+    p.add_argument("--reward", required=True,
+                   help="reward spec: toy, a reward-model dir, python:FILE:FUNCTION, or a weighted "
+                        "sum such as 'toy + 0.5*runs/rm' (see README, Reward sources)")
     eval_sampling_flags(p)
     p.set_defaults(func=cmd_eval_length)
 
