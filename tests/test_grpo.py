@@ -264,19 +264,42 @@ LOGGED = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_leng
           "timing/rollout", "timing/score", "loss", "grad_norm", "lr")
 
 
-def test_three_steps_through_the_loop(sft_run, tmp_path):
+def test_three_steps_through_the_loop_and_exact_resume(sft_run, tmp_path, monkeypatch):
     """GRPO with a KL term (reference loaded) from the toy SFT model: every metric name is
-    logged, timing/update from step 2, and the loop's no-recompile check holds (it raises)."""
+    logged, timing/update from step 2, and the loop's no-recompile check holds (it raises).
+    The same run stopped while producing step 3 (after checkpoint 2) and resumed logs the same
+    rows: the prompt position, sampling keys, params and optimizer state all come back."""
     from alignjax.train import run_training
+    from test_ppo_train import _rows
     sft_dir, _ = sft_run
     config = _config(f"model.init_from={sft_dir}", "train.steps=3", "train.batch_size=16",
-                     "train.log_every=1", "train.eval_every=0", "checkpoint.every=3",
+                     "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
                      "checkpoint.async_save=False", "grpo.samples_per_prompt=4", "grpo.beta=0.04",
                      "grpo.num_minibatches=2", "grpo.max_new_tokens=12")
-    run_training(config, str(tmp_path))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    whole = tmp_path / "whole"
+    run_training(config, str(whole))
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in LOGGED:
         assert all(key in r for r in rows), key
     assert "timing/update" in rows[1] and rows[2]["episode"] == 48
     assert all(np.isfinite(r["loss"]) and -1 <= r["reward"] <= 1 for r in rows)
+
+    call = online.Producer.__call__
+
+    def stop_at_3(self, state, frozen, step, rng=None):
+        if step == 3:
+            raise KeyboardInterrupt
+        return call(self, state, frozen, step, rng)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(online.Producer, "__call__", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, str(cut))
+    monkeypatch.setattr(online.Producer, "__call__", call)
+    run_training(config, str(cut))
+    want, got = _rows(whole), _rows(cut)
+    for step in (1, 2, 3):
+        assert got[step].keys() == want[step].keys()
+        for k in want[step]:
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-7), (step, k)
