@@ -270,7 +270,7 @@ def test_three_steps_through_the_loop_and_exact_resume(sft_run, tmp_path, monkey
     The same run stopped while producing step 3 (after checkpoint 2) and resumed logs the same
     rows: the prompt position, sampling keys, params and optimizer state all come back."""
     from alignjax.train import run_training
-    from test_ppo_train import _rows
+    from test_ppo_train import _rows, assert_resumes_exactly
     sft_dir, _ = sft_run
     config = _config(f"model.init_from={sft_dir}", "train.steps=3", "train.batch_size=16",
                      "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
@@ -285,21 +285,4 @@ def test_three_steps_through_the_loop_and_exact_resume(sft_run, tmp_path, monkey
     assert "timing/update" in rows[1] and rows[2]["episode"] == 48
     assert all(np.isfinite(r["loss"]) and -1 <= r["reward"] <= 1 for r in rows)
 
-    call = online.Producer.__call__
-
-    def stop_at_3(self, state, frozen, step, rng=None):
-        if step == 3:
-            raise KeyboardInterrupt
-        return call(self, state, frozen, step, rng)
-
-    cut = tmp_path / "cut"
-    monkeypatch.setattr(online.Producer, "__call__", stop_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(config, str(cut))
-    monkeypatch.setattr(online.Producer, "__call__", call)
-    run_training(config, str(cut))
-    want, got = _rows(whole), _rows(cut)
-    for step in (1, 2, 3):
-        assert got[step].keys() == want[step].keys()
-        for k in want[step]:
-            assert got[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-7), (step, k)
+    assert_resumes_exactly(config, _rows(whole), tmp_path / "cut", monkeypatch, stop_at=3)

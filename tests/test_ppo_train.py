@@ -46,21 +46,27 @@ def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     assert raw[-1]["tokens_per_s"] > 0 and raw[-1]["mfu"] > 0  # query + response tokens count
 
     # The same run, stopped while producing step 3 (after checkpoint 2), then resumed.
+    assert_resumes_exactly(config, want, tmp_path / "cut", monkeypatch, stop_at=3)
+
+
+def assert_resumes_exactly(config, want: dict, workdir, monkeypatch, stop_at: int):
+    """Run `config` in `workdir`, interrupted while its producer makes step `stop_at`, then
+    again (it resumes from the last checkpoint); every logged row must equal `want`'s."""
     call = online.Producer.__call__
 
-    def stop_at_3(self, state, frozen, step, rng=None):
-        if step == 3:
+    def interrupted(self, state, frozen, step, rng=None):
+        if step == stop_at:
             raise KeyboardInterrupt
         return call(self, state, frozen, step, rng)
 
-    cut = tmp_path / "cut"
-    monkeypatch.setattr(online.Producer, "__call__", stop_at_3)
+    monkeypatch.setattr(online.Producer, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_training(config, str(cut))
+        run_training(config, str(workdir))
     monkeypatch.setattr(online.Producer, "__call__", call)
-    run_training(config, str(cut))
-    got = _rows(cut)
-    for step in (1, 2, 3):
+    run_training(config, str(workdir))
+    got = _rows(workdir)
+    assert sorted(got) == sorted(want)
+    for step in want:
         assert got[step].keys() == want[step].keys()
         for k in want[step]:
             assert got[step][k] == pytest.approx(want[step][k], rel=1e-6, abs=1e-7), (step, k)
