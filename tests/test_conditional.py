@@ -73,6 +73,7 @@ def test_add_control_tokens_is_idempotent(tok_dir):
         cond.control_token_ids(_fresh(tok_dir))
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_resize_keeps_old_rows_new_rows_mean_and_shardings(mesh, tied):
     config = _tiny_config(tie_word_embeddings=tied)

@@ -49,6 +49,7 @@ def test_export_shards_and_dtypes(tmp_path):
                                rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_scalar_head_round_trip_scores(tmp_path):
     src = make_hf_model("llama31", tmp_path / "hf", head="scalar")
     model = load_model(str(tmp_path / "hf"), shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))

@@ -16,6 +16,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from alignjax import sharding as shd
 from alignjax.model.config import LlamaConfig
@@ -90,6 +91,7 @@ def cache_rewrites(text: str, layer_elems: int, token_elems: int) -> tuple[list,
     return bad, token_writes
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_decode_loop_writes_the_cache_in_place():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, dtype="float32")

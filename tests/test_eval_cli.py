@@ -55,6 +55,7 @@ def _winrate(dirs, out, judge, *extra):
     return report, samples
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_winrate_toy_judge_counts_the_checker(dirs, tmp_path):
     report, samples = _winrate(dirs, tmp_path / "toy", "toy")
     want = [0.5 + 0.5 * np.sign(toy.check(s["prompt"], s["model"]) - toy.check(s["prompt"], s["baseline"]))

@@ -34,6 +34,7 @@ def _loss_fn(impl):
     return loss
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_flash_equals_xla_on_a_sharded_mesh():
     mesh = shd.make_mesh({"data": 4, "tensor": 2})
     params = init_params(build_module(CFG), jax.random.PRNGKey(0), mesh)
@@ -59,6 +60,7 @@ def test_flash_gradients_equal_xla():
                            grads["xla"])
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 @pytest.mark.skipif(not libtpu_available(), reason="libtpu (TPU compiler) not installed")
 def test_flash_train_step_compiles_for_tpu(capsys):
     from alignjax.cli import main as cli_main

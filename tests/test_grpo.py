@@ -192,6 +192,7 @@ def test_update_loss_and_metrics_equal_numpy(policy_setup, case):
     assert got["clip_ratio/region_mean"] > 0  # the clipped branch is exercised
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_update_is_the_same_on_different_meshes(policy_setup):
     """Loss, sums and gradients of one minibatch on data=2/fsdp=2/tensor=2 and on 1 device."""
     _, policy, _, params, _ = policy_setup

@@ -174,6 +174,7 @@ def test_probability_verdicts_equal_the_judges_own_logits(lm_dir, template):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_text_mode_with_two_stages_counts_unparsed_replies(lm_dir):
     judge = J.build_judge(f"llm:{lm_dir}", template="rules_metrics_reference", mode="text",
                           batch_size=4, max_new_tokens=6)

@@ -116,6 +116,7 @@ def test_producer_epochs_minibatches_equal_updates_by_hand_and_resume_exactly(tm
     assert [rows[s]["episode"] for s in (1, 2)] == [1, 2]  # the host state came back
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_checkpoints_from_before_slots_still_load_as_models(tmp_path):
     """A workdir trained before named slots (state["params"] was the model) loads as a model
     (model.init_from), whether or not its alignjax_model.json has been rewritten with a slot."""

@@ -94,6 +94,7 @@ def test_rope_scaling_is_exercised():
     np.testing.assert_allclose(rope_inv_freq(linear), rope_inv_freq(base) / 2.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_remat_and_bfloat16_compute_run():
     """Remat policies give identical values; bf16 compute stays close to f32."""
     import jax
@@ -122,6 +123,7 @@ def test_remat_and_bfloat16_compute_run():
     assert np.abs(np.asarray(out16, np.float32) - np.asarray(out32)).max() < 0.1
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_scanned_and_unrolled_layers_agree_in_value_and_gradient():
     """layer_loop only changes how the forward walks the (always stacked) layer params."""
     import jax

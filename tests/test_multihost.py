@@ -94,6 +94,7 @@ def test_cli_unreachable_coordinator_times_out_with_a_message(capsys):
                           "(--coordinator) did not answer within --init-timeout 1 s") and err.count("\n") == 1
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_process_zero_alone_gives_up_after_the_timeout(tmp_path):
     """Process 0 hosts the coordinator; when the others never come it must stop, not hang. jax ends
     the process itself (a fatal error from its runtime, not an exception), after our line."""

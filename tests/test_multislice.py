@@ -67,6 +67,7 @@ needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
                                   reason='libtpu (TPU compiler) not installed: pip install -e ".[tpu]"')
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 @needs_libtpu
 def test_multislice_aot_compile_reports_per_chip_memory(capsys):
     # v5p-8 is 4 chips; two slices are 8 chips, data-parallel across the slices.

@@ -218,6 +218,7 @@ def test_value_init_needs_a_reward_model():
     assert ppo.value_source(c, dataclasses.replace(s, reward="toy + 0.5*runs/rm")) == ("runs/rm", False)
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_update_is_the_same_on_different_meshes(models):
     """sums and gradients of one minibatch on data=2/fsdp=2/tensor=2 and on 1 device."""
     from alignjax.model.params import abstract_params

@@ -125,6 +125,7 @@ def test_rollout_batch_shapes_logps_values_and_scores(setup):
     assert info["completions"] == texts and info["prompts"][1] == PROMPTS[0]
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_greedy_rollout_equals_the_generator_and_does_not_recompile(setup):
     roller, params, frozen = setup
     greedy = ro.Roller(roller.policy_module, roller.mesh, roller.rules, roller.tokenizer,
@@ -150,6 +151,7 @@ def test_prompt_longer_than_the_bucket_names_the_key():
         ro.pad_prompts([[1, 2], [1, 2, 3, 4, 5]], 4, 0)
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_rollout_program_equals_the_roller(setup):
     """The one-program rollout (for `alignjax compile`) samples and scores what the Roller does."""
     roller, params, frozen = setup

@@ -92,6 +92,7 @@ def _compile_seconds(layers: int) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_compile_time_does_not_grow_with_depth():
     _compile_seconds(2)  # warm caches that are not about depth
     t4, t32 = _compile_seconds(4), _compile_seconds(32)
