@@ -43,3 +43,11 @@ def test_tr_dpo_step_compiles_with_the_reference_in_the_state(capsys):
 def test_reward_step_compiles(capsys):
     cli_main(["compile", "--config", "configs/reward.py:tiny", "--topology", "v5p-8"])
     assert "FITS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_rl_updates_compile(capsys, algorithm):
+    """The update step of GRPO (policy + reference) and PPO (policy, value, reference, reward)."""
+    cli_main(["compile", "--config", f"configs/{algorithm}.py:tiny", "--topology", "v5p-8",
+              "--config.tokenizer.path=toy"])
+    assert "FITS" in capsys.readouterr().out
