@@ -52,5 +52,6 @@ class StopOnSignal:
 
     def stop(self, message: str):
         """Prints the one line that says what was saved, then exits with 128 + signal number."""
-        print(f"alignjax: caught {self.name} {message}", file=sys.stderr, flush=True)
+        # On a line of its own: the progress bar may have redrawn since the first message.
+        print(f"\nalignjax: caught {self.name} {message}", file=sys.stderr, flush=True)
         raise Interrupted(128 + self.signum)
