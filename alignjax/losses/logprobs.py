@@ -65,6 +65,9 @@ def token_stats(
     is rematerialised in the backward pass (`jax.checkpoint`) so the gradient is chunked too.
     """
     b, t, e = hidden_bte.shape
+    if t <= chunk_size:  # one chunk: rematerialising it would only redo the head matmul
+        return TokenStats(*_chunk_stats(hidden_bte, head_kernel_ev, targets_bt, temperature,
+                                        compute_dtype))
     chunk = max(1, min(chunk_size, t))
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
@@ -79,10 +82,7 @@ def token_stats(
         hidden_bce, targets_bc = args
         return _chunk_stats(hidden_bce, head_kernel_ev, targets_bc, temperature, compute_dtype)
 
-    if n_chunks == 1:  # nothing to chunk: rematerialising would only redo the head matmul
-        outs = jax.tree_util.tree_map(lambda o: o[None], one_chunk((hidden_nbce[0], targets_nbc[0])))
-    else:
-        outs = jax.lax.map(jax.checkpoint(one_chunk), (hidden_nbce, targets_nbc))
+    outs = jax.lax.map(jax.checkpoint(one_chunk), (hidden_nbce, targets_nbc))
     logps_bt, entropy_bt, correct_bt = (
         o.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t] for o in outs
     )
