@@ -224,7 +224,7 @@ def _interrupt_after(workdir, step: int, sig) -> tuple[int, str]:
                             stderr=subprocess.PIPE, text=True)
     metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and _losses(workdir) and max(_losses(workdir)) >= step:
+        if metrics.exists() and max(_losses(workdir), default=0) >= step:
             break
         time.sleep(0.02)
     proc.send_signal(sig)
@@ -253,7 +253,7 @@ def test_sigterm_and_sigint_save_and_resume_exactly(run_dir, tmp_path, capsys):
     assert max(_losses(w)) == first
 
     def ctrl_c_after(step):
-        while not (_losses(w) and max(_losses(w)) >= step):
+        while max(_losses(w), default=0) < step:
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 

@@ -246,10 +246,13 @@ def _truncate_history(path: str, resume_step: int):
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-    with open(path, "w") as f:
+    tmp = path + ".tmp"  # replaced in one step: a reader or a crash never sees it half-written
+    with open(tmp, "w") as f:
         f.writelines(lines)
+    os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The rows of metrics.jsonl; a last line without its newline is a row still being written."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        return [json.loads(ln) for ln in f if ln.strip() and ln.endswith("\n")]
