@@ -36,12 +36,18 @@ demo: export XLA_FLAGS = --xla_force_host_platform_device_count=$(DEMO_DEVICES)
 demo: $(VENV)/.installed-demo
 	$(PY) -m alignjax.demo --workdir runs/demo
 
+# Tests run in TEST_WORKERS pytest-xdist processes (tests/conftest.py groups them): most of the
+# suite compiles, which is single-threaded, so 2 workers on the 2-core machine halve its time.
+# TEST_WORKERS=0 runs in this process (pdb, -x).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))
+
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The development tier: everything but the tests marked slow (training runs, CLI end to end).
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # clean: training runs and caches; the virtual environment stays. distclean: .venv as well.
 clean:

@@ -189,6 +189,8 @@ def _prepare_libtpu_env(spec: TopologySpec):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", spec.name)
+    # libtpu's lockfile guards real chips; without any, it only stops a second compile process.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.lru_cache(maxsize=None)

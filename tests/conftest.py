@@ -21,6 +21,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist: `make test` runs 2 workers
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules go to one worker each, so module fixtures are built once, and the modules
+    that use a training fixture share one worker, so the session's SFT model is trained once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    here = pathlib.Path(__file__).parent
+    trained = {p.relative_to(config.rootpath).as_posix() for p in here.glob("test_*.py")
+               if any(name in p.read_text() for name in TRAINING_FIXTURES)}
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "trained" if module in trained else module
+
+    return ByModule(config, log)
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     """Llama-3-style byte-level BPE (bos <|begin_of_text|>, eos <|eot_id|>, pad <|pad|>), vocab 512."""
