@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from alignjax.config import load_config
@@ -32,7 +33,15 @@ def _rows(workdir):
 def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     config = load_config("configs/ppo.py:tiny", OVERRIDES)
     whole = tmp_path / "whole"
+    moves = _record_logp_moves(monkeypatch)
     run_training(config, str(whole))
+    monkeypatch.undo()
+    # A step's updates raise the log-probs of its positive-advantage tokens and lower the
+    # negative ones (the wiring of rollout, advantages and minibatches, not just the formulas).
+    assert len(moves) == 2
+    for dlogp, adv in moves:
+        assert np.corrcoef(dlogp, adv)[0, 1] > 0.2
+        assert dlogp[adv > 0].mean() > 0 > dlogp[adv < 0].mean()
     want = _rows(whole)
     assert sorted(want) == [1, 2, 3]
     for key in ("objective/kl", "objective/entropy", "objective/non_score_reward",
@@ -47,6 +56,30 @@ def test_ppo_logs_trl_metrics_and_resumes_exactly(tmp_path, monkeypatch):
 
     # The same run, stopped while producing step 3 (after checkpoint 2), then resumed.
     assert_resumes_exactly(config, want, tmp_path / "cut", monkeypatch, stop_at=3)
+
+
+def _record_logp_moves(monkeypatch) -> list:
+    """Patches the producer: at each step after the first, the previous step's update batch is
+    scored again under the updated policy; appends (logp change, advantage) of its tokens."""
+    import jax
+
+    from alignjax.train.rollout import response_token_stats
+    call, moves, last = online.Producer.__call__, [], {}
+
+    def recording(self, state, frozen, step, rng=None):
+        if last:
+            b = last.pop("batch")
+            temperature = self.s.temperature
+            new = jax.jit(lambda p: response_token_stats(self.roller.policy_module, p, b,
+                                                         temperature)[0])(state["params"]["policy"])
+            valid = b["response_mask"] > 0
+            moves.append(((np.asarray(new) - b["logps"])[valid], b["advantages"][valid]))
+        out = call(self, state, frozen, step, rng)
+        last["batch"] = out[0]
+        return out
+
+    monkeypatch.setattr(online.Producer, "__call__", recording)
+    return moves
 
 
 def assert_resumes_exactly(config, want: dict, workdir, monkeypatch, stop_at: int):
