@@ -417,7 +417,8 @@ def _num_devices(compiled, abstract_args, default: int) -> int:
 def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None,
                    out_shardings=None, *, spec: TopologySpec | str,
                    donate_argnums: Sequence[int] | int = (), static_argnums=(),
-                   progress: Callable[[str], None] | None = None) -> CompileReport:
+                   progress: Callable[[str], None] | None = None,
+                   keep_unused: bool = False) -> CompileReport:
     """Compiles `fn(*abstract_args)` for the slice and reports per-chip memory and FLOPs.
 
     `abstract_args` are jax.ShapeDtypeStruct pytrees (shardings may ride on them, in which case
@@ -426,14 +427,16 @@ def compile_report(fn: Callable, abstract_args: Sequence[Any], in_shardings=None
     in/out shardings and donation must be None/() and it is lowered as is). Tracing happens
     here, so enter `sharding.mesh_context(mesh, rules)` around the call when `fn` uses logical
     activation constraints. `progress(message)` is told as each stage starts (the CLI prints it:
-    a 7B compile is silent for about a minute otherwise).
+    a 7B compile is silent for about a minute otherwise). `keep_unused`: arguments the program
+    does not read stay resident (and counted), as models held beside it in training are.
     """
     progress = progress or (lambda message: None)
     spec = parse_topology(spec)
     if hasattr(fn, "lower") and in_shardings is None and out_shardings is None and not donate_argnums:
         jitted = fn
     else:
-        kwargs: dict = {"donate_argnums": donate_argnums, "static_argnums": static_argnums}
+        kwargs: dict = {"donate_argnums": donate_argnums, "static_argnums": static_argnums,
+                        "keep_unused": keep_unused}
         if in_shardings is not None:
             kwargs["in_shardings"] = in_shardings
         if out_shardings is not None:

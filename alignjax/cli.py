@@ -123,16 +123,22 @@ def cmd_sweep(args):
 def cmd_compile(args):
     import jax
     from alignjax import aot
-    from alignjax.train.compile import compile_train_step
+    from alignjax.train.compile import compile_rollout, compile_train_step
     from alignjax.train.registry import validate_config
     config = _config(args)
     spec = aot.parse_topology(args.topology)
     _apply_num_slices(config, args.num_slices)
     validate_config(config, spec.chips * args.num_slices)
-    report = compile_train_step(config, args.topology,
-                                progress=lambda m: print(f"compile: {m}", file=sys.stderr, flush=True))
-    print(aot.format_report(report))
-    if not report.fits:
+    def progress(message):
+        print(f"compile: {message}", file=sys.stderr, flush=True)
+
+    reports = [("update step", compile_train_step(config, args.topology, progress=progress))]
+    rollout = compile_rollout(config, args.topology, progress=progress)
+    if rollout is not None:  # online RL: sampling and scoring with every model resident
+        reports.append(("rollout (sampling + scoring)", rollout))
+    for name, report in reports:
+        print(f"{name}: " + aot.format_report(report) if len(reports) > 1 else aot.format_report(report))
+    if not all(report.fits for _, report in reports):
         sys.exit(1)
 
 
@@ -354,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile the train step for a TPU topology (needs libtpu) and "
                                        "report whether it fits",
                        description="Ahead-of-time compile on this host for e.g. --topology v5p-64 "
-                                   "(v4-N, v5p-N: TensorCores; v5e-N, v6e-N: chips). Exits 1 when "
-                                   "the step does not fit in HBM.")
+                                   "(v4-N, v5p-N: TensorCores; v5e-N, v6e-N: chips). PPO and GRPO "
+                                   "also compile their rollout (sampling and scoring with the "
+                                   "train state and every model resident). Exits 1 when a "
+                                   "program does not fit in HBM.")
     p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]")
     p.add_argument("--topology", required=True, help="Cloud TPU name, e.g. v5p-64, v5e-256, v6e-8")
     p.add_argument("--num-slices", type=int, default=1, metavar="N",

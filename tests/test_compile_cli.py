@@ -45,9 +45,12 @@ def test_reward_step_compiles(capsys):
     assert "FITS" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
-def test_online_rl_updates_compile(capsys, algorithm):
-    """The update step of GRPO (policy + reference) and PPO (policy, value, reference, reward)."""
+@pytest.mark.parametrize("algorithm, models", [("grpo", "policy"), ("ppo", "policy, value, reference, reward")])
+def test_online_rl_update_and_rollout_compile(capsys, algorithm, models):
+    """The update step and the rollout program of GRPO (toy reward, beta 0: the policy alone) and
+    PPO (ppo.reward empty: a reward model of the policy's size is resident beside the step)."""
     cli_main(["compile", "--config", f"configs/{algorithm}.py:tiny", "--topology", "v5p-8",
-              "--config.tokenizer.path=toy"])
-    assert "FITS" in capsys.readouterr().out
+              "--config.tokenizer.path=toy"] + (["--config.ppo.reward="] if algorithm == "ppo" else []))
+    out, err = capsys.readouterr()
+    assert f"model(s): {models};" in err
+    assert out.count("FITS") == 2 and "update step: AOT" in out and "rollout (sampling + scoring): AOT" in out

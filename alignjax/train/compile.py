@@ -3,12 +3,17 @@
 Runs on a CPU host with libtpu installed (no TPU needed): it builds abstract inputs only (no
 parameter is allocated), lowers the same jitted update the trainer runs (the algorithm's slots,
 sums function and batch from alignjax.train.registry), and reads per-chip memory and FLOPs from
-the compiled program.
+the compiled program. Online algorithms (PPO, GRPO) also compile their rollout program: sampling
+(prefill + decode) and the scoring forwards, with the train state and every model resident.
 """
 
 from __future__ import annotations
 
+import types
+from typing import Optional
+
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from alignjax import sharding as shd
@@ -19,13 +24,10 @@ from alignjax.train.state import state_shardings
 from alignjax.train.step import make_train_step
 
 
-def compile_train_step(config, topology: str, progress=None):
-    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64").
-
-    `progress(message)` is told as each stage starts (loading libtpu, lowering, compiling).
-    """
+def _abstract_run(config, topology: str, progress):
+    """The topology's mesh and the run's abstract train state and frozen models (with the models
+    the algorithm keeps resident beside the step), as the trainer would build them."""
     from alignjax import aot
-    progress = progress or (lambda message: None)
     spec = aot.parse_topology(topology)
     progress(f"loading the TPU compiler (libtpu) for {spec.name}...")
     mesh = aot.topology_mesh(spec, dict(config.mesh))
@@ -33,28 +35,76 @@ def compile_train_step(config, topology: str, progress=None):
     algo = registry.get(config.algorithm)
     settings = algo.settings(config)
     slots = algo.slots(config, settings)
-    trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
-                                slots_lib.fixed(slots))
+    resident = algo.resident(config, settings) if algo.resident else []
+    trainable, moving = slots_lib.trainable(slots), slots_lib.followers(slots)
+    fixed = slots_lib.fixed(slots) + resident
     cfg = model_config(config)
-    modules = {s.name: slots_lib.slot_module(cfg, s) for s in slots}
+    modules = {s.name: slots_lib.slot_module(cfg, s) for s in slots + resident}
     modules[trainable[0].name] = build_module(cfg, trainable[0].head)
     progress(f"building the abstract {algo.name} train state ({cfg.num_params():,} parameters "
-             f"per model, {len(slots)} model(s): {', '.join(modules)}; nothing allocated)...")
+             f"per model, {len(modules)} model(s): {', '.join(modules)}; nothing allocated)...")
     optimizer, schedules = slots_lib.slot_optimizer(config, trainable, int(config.train.steps))
-    abstract_state, state_sh = state_shardings({s.name: modules[s.name] for s in trainable},
-                                               optimizer, mesh, rules_,
-                                               {s.name: modules[s.name] for s in moving})
+    state, state_sh = state_shardings({s.name: modules[s.name] for s in trainable}, optimizer,
+                                      mesh, rules_, {s.name: modules[s.name] for s in moving})
     frozen = {s.name: abstract_params(modules[s.name], mesh, rules_)[0] for s in fixed}
-    frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-    sums_fn, metrics_fn = algo.sums(config, settings, modules)
-    batch = algo.abstract_batch(config, settings)
-    batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(mesh, x.ndim, rules_), batch)
+    return types.SimpleNamespace(
+        spec=spec, mesh=mesh, rules=rules_, algo=algo, settings=settings, modules=modules,
+        moving=moving, optimizer=optimizer, schedules=schedules, state=state, state_sh=state_sh,
+        frozen=frozen, frozen_sh=jax.tree_util.tree_map(lambda x: x.sharding, frozen))
+
+
+def compile_train_step(config, topology: str, progress=None):
+    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64").
+
+    `progress(message)` is told as each stage starts (loading libtpu, lowering, compiling).
+    """
+    from alignjax import aot
+    progress = progress or (lambda message: None)
+    r = _abstract_run(config, topology, progress)
+    sums_fn, metrics_fn = r.algo.sums(config, r.settings, r.modules)
+    batch = r.algo.abstract_batch(config, r.settings)
+    batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(r.mesh, x.ndim, r.rules), batch)
     batch = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    batch, batch_sh)
-    step = make_train_step(sums_fn, metrics_fn, optimizer, schedules,
-                           int(config.train.grad_accum_steps), {s.name: s.follows for s in moving})
-    with shd.mesh_context(mesh, rules_):
-        return aot.compile_report(step, (abstract_state, batch, frozen),
-                                  in_shardings=(state_sh, batch_sh, frozen_sh),
-                                  out_shardings=(state_sh, NamedSharding(mesh, P())),
-                                  spec=spec, donate_argnums=(0,), progress=progress)
+    step = make_train_step(sums_fn, metrics_fn, r.optimizer, r.schedules,
+                           int(config.train.grad_accum_steps), {s.name: s.follows for s in r.moving})
+    with shd.mesh_context(r.mesh, r.rules):
+        return aot.compile_report(step, (r.state, batch, r.frozen),
+                                  in_shardings=(r.state_sh, batch_sh, r.frozen_sh),
+                                  out_shardings=(r.state_sh, NamedSharding(r.mesh, P())),
+                                  spec=r.spec, donate_argnums=(0,), progress=progress,
+                                  keep_unused=True)
+
+
+def compile_rollout(config, topology: str, progress=None) -> Optional[object]:
+    """CompileReport of an online algorithm's rollout on `topology`: one rollout batch
+    (train.batch_size responses) sampled with the KV cache, then the policy / reference
+    log-probs, the values and the reward model's scores, with the whole train state resident.
+    None for offline algorithms."""
+    from alignjax import aot
+    from alignjax.train.rollout import response_values, rollout_program
+    progress = progress or (lambda message: None)
+    algo = registry.get(config.algorithm)
+    s = algo.settings(config)
+    if not hasattr(s, "rollout"):
+        return None
+    r = _abstract_run(config, topology, progress)
+    cfg = model_config(config)
+    program = rollout_program(r.modules["policy"], r.modules.get("reference"), r.modules.get("value"),
+                              s.rollout, tuple(cfg.eos_token_ids) or (0,), 0)
+    rewards = [name for name in r.frozen if name.startswith("reward")]
+
+    def rollout(state, frozen, query, query_mask, rng):
+        out = program(state, frozen, query, query_mask, rng)
+        for name in rewards:  # the score is read at the last token of these per-token outputs
+            out[name] = response_values(r.modules[name], frozen[name], out)
+        return out
+
+    rows, p = s.rows, s.max_prompt_len
+    sh = shd.batch_sharding(r.mesh, 2, r.rules)
+    query = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=sh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(r.mesh, P()))
+    with shd.mesh_context(r.mesh, r.rules):
+        return aot.compile_report(rollout, (r.state, r.frozen, query, query, rng),
+                                  in_shardings=(r.state_sh, r.frozen_sh, sh, sh, rng.sharding),
+                                  spec=r.spec, progress=progress, keep_unused=True)

@@ -43,6 +43,7 @@ import numpy as np
 
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
+from alignjax.train import online
 from alignjax.train.registry import AlgorithmSpec
 from alignjax.train.rollout import RolloutSettings, response_token_stats
 
@@ -336,7 +337,6 @@ def sums(config, s: GRPOSettings, modules: dict):
 
 def build(config, workdir: str, run, s: GRPOSettings, modules: dict, loader=None):
     """The Algorithm: a rollout producer around `sums` (rl-seam.md)."""
-    from alignjax.train import online
     from alignjax.train.loop import Algorithm
     from alignjax.train.rollout import Roller
     reward, prompts = online.reward_and_prompts(s, "grpo", run)
@@ -348,4 +348,5 @@ def build(config, workdir: str, run, s: GRPOSettings, modules: dict, loader=None
                      num_minibatches=s.num_minibatches, host_state=online.HostState(prompts=prompts))
 
 
-SPEC = AlgorithmSpec("grpo", settings, slots, sums, abstract_batch, build)
+SPEC = AlgorithmSpec("grpo", settings, slots, sums, abstract_batch, build,
+                     resident=online.reward_models)

@@ -185,6 +185,18 @@ def check_rollout(s, section: str, mesh, rules, max_positions: int) -> None:
             f"multiple of {n}")
 
 
+def reward_models(config, s) -> list:
+    """The reward model slots a run holds on its mesh beside the step (for `alignjax compile`):
+    the reward model `s.reward` names, or, while it is still empty (the big presets leave it to
+    the user), one of the policy's architecture; none for toy and python rewards."""
+    from alignjax.rewards import parse_spec
+    from alignjax.train.slots import Slot
+    paths = ([t.target for t in parse_spec(s.reward, "reward") if t.kind == "model"]
+             if s.reward.strip() else [""])
+    return [Slot(f"reward{i or ''}", "scalar", p, trains=False, dtype=s.ref_dtype)
+            for i, p in enumerate(paths)]
+
+
 def reward_and_prompts(s, section: str, run):
     """After check_rollout: the run's reward (`<section>.reward`, on the training mesh) and its
     prompt stream (`<section>.prompts`, chat-encoded when drawn)."""

@@ -32,6 +32,7 @@ import numpy as np
 from alignjax.losses import rl
 from alignjax.model.config import ConfigError
 from alignjax.train.grouped import sums_to_means
+from alignjax.train import online
 from alignjax.train.registry import AlgorithmSpec
 from alignjax.train.rollout import RolloutSettings, response_token_stats, response_values
 
@@ -419,7 +420,6 @@ def sums(config, s: PPOSettings, modules: dict):
 
 def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None):
     """The PPO Algorithm: a rollout producer around `sums` (rl-seam.md)."""
-    from alignjax.train import online
     from alignjax.train.loop import Algorithm
     from alignjax.train.rollout import Roller
     reward, prompts = online.reward_and_prompts(s, "ppo", run)
@@ -433,4 +433,5 @@ def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None)
                      host_state=online.HostState(kl=kl, prompts=prompts))
 
 
-SPEC = AlgorithmSpec("ppo", settings, slots, sums, abstract_batch, build)
+SPEC = AlgorithmSpec("ppo", settings, slots, sums, abstract_batch, build,
+                     resident=online.reward_models)

@@ -12,6 +12,9 @@ An algorithm module (alignjax/train/<name>.py) defines `SPEC = AlgorithmSpec(...
                                                data (or a rollout producer) around sums();
                                                `loader` (slots.SlotLoader) reads extra models
     finish(config, workdir, out) (optional)    after the last step (e.g. reward statistics)
+    resident(config, settings) -> [Slot] (optional)  frozen models training keeps on the mesh
+                                               outside the step (PPO's reward model); `alignjax
+                                               compile` counts them
 
 Modules are imported on first use, so listing names (validation, --help) imports no algorithm.
 """
@@ -38,6 +41,7 @@ class AlgorithmSpec:
     abstract_batch: Callable[[Any, Any], dict]
     build: Callable[..., Any]
     finish: Optional[Callable[[Any, str, dict], None]] = None
+    resident: Optional[Callable[[Any, Any], list]] = None
 
 
 def names() -> tuple:
