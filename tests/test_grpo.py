@@ -287,3 +287,24 @@ def test_three_steps_through_the_loop_and_exact_resume(sft_run, tmp_path, monkey
     assert all(np.isfinite(r["loss"]) and -1 <= r["reward"] <= 1 for r in rows)
 
     assert_resumes_exactly(config, _rows(whole), tmp_path / "cut", monkeypatch, stop_at=3)
+
+
+@pytest.mark.slow  # trains GRPO through the loop
+def test_updates_move_log_probs_with_the_advantages(tmp_path, monkeypatch):
+    """From a small random model with a length reward (so every group has a spread): after each
+    step, the tokens of the rollout it trained on moved with their advantages."""
+    from alignjax.train import run_training
+    from test_ppo_train import OVERRIDES, _record_logp_moves
+    reward = tmp_path / "length.py"
+    reward.write_text("def reward(prompts, completions):\n"
+                      "    return [float(len(c)) for c in completions]\n")
+    model = [o for o in OVERRIDES if o.startswith(("model.", "tokenizer."))]
+    config = _config(*model, "train.steps=3", "train.batch_size=16", "train.log_every=1",
+                     "train.eval_every=0", "checkpoint.every=100", f"grpo.reward=python:{reward}:reward",
+                     "grpo.samples_per_prompt=4", "grpo.max_new_tokens=8", "grpo.num_minibatches=2")
+    moves = _record_logp_moves(monkeypatch)
+    run_training(config, str(tmp_path / "run"))
+    assert len(moves) == 2
+    for dlogp, adv in moves:
+        assert np.corrcoef(dlogp, adv)[0, 1] > 0.2
+        assert dlogp[adv > 0].mean() > 0 > dlogp[adv < 0].mean()

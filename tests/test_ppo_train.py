@@ -73,7 +73,9 @@ def _record_logp_moves(monkeypatch) -> list:
             new = jax.jit(lambda p: response_token_stats(self.roller.policy_module, p, b,
                                                          temperature)[0])(state["params"]["policy"])
             valid = b["response_mask"] > 0
-            moves.append(((np.asarray(new) - b["logps"])[valid], b["advantages"][valid]))
+            adv = b["advantages"]  # per token (PPO) or per response (GRPO)
+            adv = np.broadcast_to(adv[:, None], valid.shape) if adv.ndim == 1 else adv
+            moves.append(((np.asarray(new) - b["logps"])[valid], adv[valid]))
         out = call(self, state, frozen, step, rng)
         last["batch"] = out[0]
         return out
