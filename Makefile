@@ -37,7 +37,7 @@ demo: $(VENV)/.installed-demo
 	$(PY) -m alignjax.demo --workdir runs/demo
 
 # Tests run in TEST_WORKERS pytest-xdist processes (tests/conftest.py groups them): most of the
-# suite compiles, which is single-threaded, so 2 workers on the 2-core machine halve its time.
+# suite compiles, which is single-threaded, so 2 workers help even on the 2-core machine.
 # TEST_WORKERS=0 runs in this process (pdb, -x).
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))

@@ -123,21 +123,19 @@ def cmd_sweep(args):
 def cmd_compile(args):
     import jax
     from alignjax import aot
-    from alignjax.train.compile import compile_rollout, compile_train_step
+    from alignjax.train.compile import compile_programs
     from alignjax.train.registry import validate_config
     config = _config(args)
     spec = aot.parse_topology(args.topology)
     _apply_num_slices(config, args.num_slices)
     validate_config(config, spec.chips * args.num_slices)
+
     def progress(message):
         print(f"compile: {message}", file=sys.stderr, flush=True)
 
-    reports = [("update step", compile_train_step(config, args.topology, progress=progress))]
-    rollout = compile_rollout(config, args.topology, progress=progress)
-    if rollout is not None:  # online RL: sampling and scoring with every model resident
-        reports.append(("rollout (sampling + scoring)", rollout))
+    reports = compile_programs(config, args.topology, progress=progress)
     for name, report in reports:
-        print(f"{name}: " + aot.format_report(report) if len(reports) > 1 else aot.format_report(report))
+        print((f"{name}: " if len(reports) > 1 else "") + aot.format_report(report))
     if not all(report.fits for _, report in reports):
         sys.exit(1)
 

@@ -10,7 +10,6 @@ the compiled program. Online algorithms (PPO, GRPO) also compile their rollout p
 from __future__ import annotations
 
 import types
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,19 +47,28 @@ def _abstract_run(config, topology: str, progress):
                                       mesh, rules_, {s.name: modules[s.name] for s in moving})
     frozen = {s.name: abstract_params(modules[s.name], mesh, rules_)[0] for s in fixed}
     return types.SimpleNamespace(
-        spec=spec, mesh=mesh, rules=rules_, algo=algo, settings=settings, modules=modules,
+        spec=spec, mesh=mesh, rules=rules_, algo=algo, settings=settings, model_config=cfg,
+        modules=modules,
         moving=moving, optimizer=optimizer, schedules=schedules, state=state, state_sh=state_sh,
         frozen=frozen, frozen_sh=jax.tree_util.tree_map(lambda x: x.sharding, frozen))
 
 
-def compile_train_step(config, topology: str, progress=None):
-    """CompileReport (alignjax.aot) of `config`'s train step on `topology` (e.g. "v5p-64").
+def compile_programs(config, topology: str, progress=None) -> list:
+    """[(name, CompileReport)] of `config`'s programs on `topology` (e.g. "v5p-64"): the update
+    step, and for online algorithms (PPO, GRPO) also the rollout.
 
     `progress(message)` is told as each stage starts (loading libtpu, lowering, compiling).
     """
-    from alignjax import aot
     progress = progress or (lambda message: None)
     r = _abstract_run(config, topology, progress)
+    reports = [("update step", _compile_update(config, r, progress))]
+    if hasattr(r.settings, "rollout"):  # online RL: sampling and scoring, every model resident
+        reports.append(("rollout (sampling + scoring)", _compile_rollout(r, progress)))
+    return reports
+
+
+def _compile_update(config, r, progress):
+    from alignjax import aot
     sums_fn, metrics_fn = r.algo.sums(config, r.settings, r.modules)
     batch = r.algo.abstract_batch(config, r.settings)
     batch_sh = jax.tree_util.tree_map(lambda x: shd.batch_sharding(r.mesh, x.ndim, r.rules), batch)
@@ -76,22 +84,15 @@ def compile_train_step(config, topology: str, progress=None):
                                   keep_unused=True)
 
 
-def compile_rollout(config, topology: str, progress=None) -> Optional[object]:
-    """CompileReport of an online algorithm's rollout on `topology`: one rollout batch
-    (train.batch_size responses) sampled with the KV cache, then the policy / reference
-    log-probs, the values and the reward model's scores, with the whole train state resident.
-    None for offline algorithms."""
+def _compile_rollout(r, progress):
+    """One rollout batch (train.batch_size responses) sampled with the KV cache, then the policy
+    / reference log-probs, the values and the reward models' scores, with the whole train state
+    resident (the trainer runs the same pieces as separate programs: alignjax.train.rollout)."""
     from alignjax import aot
     from alignjax.train.rollout import response_values, rollout_program
-    progress = progress or (lambda message: None)
-    algo = registry.get(config.algorithm)
-    s = algo.settings(config)
-    if not hasattr(s, "rollout"):
-        return None
-    r = _abstract_run(config, topology, progress)
-    cfg = model_config(config)
+    s = r.settings
     program = rollout_program(r.modules["policy"], r.modules.get("reference"), r.modules.get("value"),
-                              s.rollout, tuple(cfg.eos_token_ids) or (0,), 0)
+                              s.rollout, r.model_config.eos_token_ids or (0,), 0)
     rewards = [name for name in r.frozen if name.startswith("reward")]
 
     def rollout(state, frozen, query, query_mask, rng):
@@ -100,9 +101,8 @@ def compile_rollout(config, topology: str, progress=None) -> Optional[object]:
             out[name] = response_values(r.modules[name], frozen[name], out)
         return out
 
-    rows, p = s.rows, s.max_prompt_len
     sh = shd.batch_sharding(r.mesh, 2, r.rules)
-    query = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=sh)
+    query = jax.ShapeDtypeStruct((s.rows, s.max_prompt_len), jnp.int32, sharding=sh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(r.mesh, P()))
     with shd.mesh_context(r.mesh, r.rules):
         return aot.compile_report(rollout, (r.state, r.frozen, query, query, rng),

@@ -185,14 +185,20 @@ def check_rollout(s, section: str, mesh, rules, max_positions: int) -> None:
             f"multiple of {n}")
 
 
-def reward_models(config, s) -> list:
-    """The reward model slots a run holds on its mesh beside the step (for `alignjax compile`):
-    the reward model `s.reward` names, or, while it is still empty (the big presets leave it to
-    the user), one of the policy's architecture; none for toy and python rewards."""
+def reward_model_paths(s, section: str) -> list:
+    """The reward-model directories `<section>.reward` names ([] while it is still empty)."""
     from alignjax.rewards import parse_spec
+    if not s.reward.strip():
+        return []
+    return [t.target for t in parse_spec(s.reward, f"{section}.reward") if t.kind == "model"]
+
+
+def reward_models(config, s) -> list:
+    """The reward-model slots a run holds on its mesh beside the step, for `alignjax compile`
+    (which builds them with the policy's architecture): those `s.reward` names or, while it is
+    still empty (the big presets leave it to the user), one; none for toy and python rewards."""
     from alignjax.train.slots import Slot
-    paths = ([t.target for t in parse_spec(s.reward, "reward") if t.kind == "model"]
-             if s.reward.strip() else [""])
+    paths = reward_model_paths(s, config.algorithm) if s.reward.strip() else [""]
     return [Slot(f"reward{i or ''}", "scalar", p, trains=False, dtype=s.ref_dtype)
             for i, p in enumerate(paths)]
 

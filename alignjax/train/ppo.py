@@ -350,18 +350,9 @@ def settings(config) -> PPOSettings:
     return settings_from_config(config)
 
 
-def reward_model_paths(s: PPOSettings) -> list:
-    """The reward-model directories of ppo.reward ([] while it is still empty: the big presets
-    leave it to the user, and `alignjax compile` does not need it)."""
-    from alignjax.rewards import parse_spec
-    if not s.reward.strip():
-        return []
-    return [t.target for t in parse_spec(s.reward, "ppo.reward") if t.kind == "model"]
-
-
 def value_source(config, s: PPOSettings) -> tuple[str, bool]:
     """(source path of the value model, whether its score head starts at zero)."""
-    rms = reward_model_paths(s)
+    rms = online.reward_model_paths(s, "ppo")
     init = s.value_init if s.value_init != "auto" else ("reward" if rms else "policy")
     if init == "reward":
         if not rms:
