@@ -9,6 +9,10 @@ Two earlier engines fail it: the layer scan (cache as scanned input, new cache a
 rebuilt the stacked cache at every token, and a stacked [layers, B, S, kv, d] cache made XLA slice
 out each layer's cache and transpose its K and V for the attention dots at every token, which is
 why tokens/s stopped growing with batch.
+
+The attention dots inside the loop must also read each cached buffer as a plain [K, N] matrix
+(contracting its second-to-last axis): with keys stored [S, d], q @ k^T contracted the minor axis
+and XLA:CPU ran it about 3x slower, the largest cost of a decode step at batch 64.
 """
 
 import math
@@ -91,6 +95,28 @@ def cache_rewrites(text: str, layer_elems: int, token_elems: int) -> tuple[list,
     return bad, token_writes
 
 
+def transposed_cache_dots(text: str, layer_elems: int) -> tuple[list, int]:
+    """(dots inside loops that contract a layer-cache-sized operand on its minor axis, number of
+    dots on a layer-cache-sized operand)."""
+    comps = parse_hlo(text)
+    bad, cache_dots = [], 0
+    for cname in _inside_loops(text, comps):
+        instrs = comps[cname]["instrs"]
+        for name, (dims, op, rest) in instrs.items():
+            if op != "dot":
+                continue
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            for side, operand in zip(("lhs", "rhs"), operands):
+                odims = instrs[operand][0]
+                contracting = re.search(side + r"_contracting_dims=\{([\d,]*)\}", rest).group(1)
+                if math.prod(odims) != layer_elems:
+                    continue
+                cache_dots += 1
+                if contracting != str(len(odims) - 2):
+                    bad.append(f"{cname}: {name} contracts {side} {operand} {odims} on axis {contracting}")
+    return bad, cache_dots
+
+
 @pytest.mark.slow  # ~10 s of compiles: out of the 5-minute fast tier
 def test_decode_loop_writes_the_cache_in_place():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -106,4 +132,7 @@ def test_decode_loop_writes_the_cache_in_place():
         b, kv, s, d = 2, 2, 16 + 8, 8
         bad, token_writes = cache_rewrites(text, layer_elems=b * kv * s * d, token_elems=b * kv * d)
         assert not bad, "\n".join(bad)
+        transposed, cache_dots = transposed_cache_dots(text, layer_elems=b * kv * s * d)
+        assert not transposed, "\n".join(transposed)
+        assert cache_dots >= 2 * 3  # q @ k and probs @ v in each layer
         assert token_writes >= 2 * 3  # K and V of the decoded token, into each layer's cache

@@ -6,8 +6,8 @@ and set to the pad id, and decoding stops as soon as every row is done. Temperat
 seed are traced values, so changing them does not recompile; top-k is static (`lax.top_k` needs a
 static k), so a new top-k compiles once more.
 
-Cost per decoded token: one forward of one token per row; the stacked KV cache is carried through
-the decode loop and the layer scan and only the new token's K/V is written (in place). Greedy
+Cost per decoded token: one forward of one token per row; each layer's KV cache buffers are
+carried through the decode loop and only the new token's K/V is written (in place). Greedy
 decoding and pure-temperature sampling sort nothing; top-k costs a `lax.top_k`, top-p one sort
 (of the k kept logits when top-k is on, of the vocabulary otherwise), only when it is on.
 """

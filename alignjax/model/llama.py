@@ -83,23 +83,29 @@ def attention_mask(q_segment_bt, kv_segment_bs, q_index_t, kv_index_s):
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache: k/v one [B, kv_heads, S, head_dim] array per layer, segment ids [B, S].
+    """An empty KV cache: one buffer per layer for k ([B, kv_heads, head_dim, S]) and v
+    ([B, kv_heads, S, head_dim]), segment ids [B, S].
 
-    One buffer per layer, laid out as the attention dots read it (batch and kv-head axes major):
-    each decode step then writes its token in place and the dots read the buffer as it is. A
-    stacked [layers, ...] cache, or a [B, S, kv, d] layout, made XLA copy and transpose every
-    layer's whole cache at every token (tests/test_decode_hlo.py).
+    Each layer's buffers are laid out as the attention dots read them, batch and kv-head axes
+    major, keys transposed: q @ k then multiplies [G, d] by [d, S] and probs @ v [G, S] by
+    [S, d], both plain matrix products. Each decode step writes its token in place and the dots
+    read the buffers as they are. A stacked [layers, ...] cache, or a [B, S, kv, d] layout, made
+    XLA copy and transpose every layer's whole cache at every token (tests/test_decode_hlo.py);
+    keys stored [S, d] made XLA:CPU's q @ k^T about 3x slower than the same product on [d, S]
+    (at batch 64 it was the largest cost of a decode step).
     """
     dtype = dtype or _dtype(config.dtype)
-    shape = (batch, config.num_key_value_heads, length, config.head_dim)
+    k_shape = (batch, config.num_key_value_heads, config.head_dim, length)
+    v_shape = (batch, config.num_key_value_heads, length, config.head_dim)
     layers = range(config.num_hidden_layers)
-    return dict(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+    return dict(k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+                v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
                 segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
-KV_AXES = ("batch", "kv_heads", "cache_length", "head_dim")  # one layer's cache
-CACHE_AXES = dict(k=KV_AXES, v=KV_AXES, segment_ids=("batch", "cache_length"), index=())
+K_AXES = ("batch", "kv_heads", "head_dim", "cache_length")  # one layer's keys, transposed
+V_AXES = ("batch", "kv_heads", "cache_length", "head_dim")  # one layer's values
+CACHE_AXES = dict(k=K_AXES, v=V_AXES, segment_ids=("batch", "cache_length"), index=())
 
 
 def constrain_cache(cache: dict) -> dict:
@@ -192,7 +198,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_bte, cos, sin, mask_bts, cache_kv, cache_index, segment_ids_bt=None):
-        """cache_kv: this layer's (k, v) cache buffers [B, kv, S, d], or None (no cache)."""
+        """cache_kv: this layer's cache buffers (k [B, kv, d, S], v [B, kv, S, d]), or None."""
         c = self.config
         h, k, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q_bthd = _dense((h, d), ("embed",), ("heads", "head_dim"), c.attention_bias, c, "q")(x_bte)
@@ -208,16 +214,17 @@ class Attention(nn.Module):
             return _dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, c, "o")(out_bthd), None
         # Batch and kv-head axes major: the layout the dots (and the cache) use. Grouped-query
         # attention: the G = h/k query heads of a kv head share its keys and values.
-        k_bksd, v_bksd = (x.swapaxes(1, 2) for x in (k_btkd, v_btkd))
+        k_bkds, v_bksd = k_btkd.transpose(0, 2, 3, 1), v_btkd.swapaxes(1, 2)
         new_kv = None
-        if cache_kv is not None:  # write this chunk at [:, :, index:index + T] in place
-            at = (0, 0, cache_index, 0)
-            k_bksd, v_bksd = new_kv = tuple(
-                constrain(jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), at), KV_AXES)
-                for buf, x in zip(cache_kv, (k_bksd, v_bksd)))
+        if cache_kv is not None:  # write this chunk at positions index..index + T, in place
+            k_bkds, v_bksd = new_kv = (
+                constrain(jax.lax.dynamic_update_slice(cache_kv[0], k_bkds.astype(cache_kv[0].dtype),
+                                                       (0, 0, 0, cache_index)), K_AXES),
+                constrain(jax.lax.dynamic_update_slice(cache_kv[1], v_bksd.astype(cache_kv[1].dtype),
+                                                       (0, 0, cache_index, 0)), V_AXES))
         # Scale q (T x D values) rather than the scores (T x S).
         q_bkgtd = (q_bthd * (1.0 / math.sqrt(d))).reshape(b, t, k, h // k, d).transpose(0, 2, 3, 1, 4)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q_bkgtd, k_bksd.astype(q_bkgtd.dtype))
+        scores = jnp.einsum("bkgtd,bkds->bkgts", q_bkgtd, k_bkds.astype(q_bkgtd.dtype))
         scores = scores.astype(jnp.float32)
         scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(_dtype(c.dtype))
