@@ -102,6 +102,11 @@ def cmd_train(args):
     run_training(_config(args), args.workdir)
 
 
+def cmd_iterate(args):
+    from alignjax.train import expert_iteration
+    expert_iteration.run(_config(args), args.workdir)
+
+
 def cmd_sweep(args):
     from alignjax.config import expand_sweep, load_config
     base, runs = expand_sweep(args.sweep)
@@ -199,12 +204,14 @@ def cmd_sample(args):
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
         chat=not args.no_chat, rso_beta=args.rso_beta, rso_accept_n=args.rso_accept,
+        min_reward=args.min_reward,
         run_key={"model": args.model, "reward": args.reward, "prompts": args.prompts})
     print(f"wrote {report.records} {args.mode} records to {args.out} from {report.prompts} prompts x "
           f"{args.n} samples; mean reward {report.mean_reward:.4f}, best-of-{args.n} "
           f"{report.best_of_n_reward:.4f}"
-          + (f"; {report.skipped_equal} prompts skipped (all samples scored the same)"
-             if args.mode != "best_of_n" else "")
+          + (f"; {report.skipped} prompts yielded no record ("
+             + ("no sample reached --min-reward" if args.min_reward is not None
+                else "all samples scored the same") + ")" if report.skipped else "")
           + (f"; {report.empty} empty responses left out" if report.empty else ""))
 
 
@@ -348,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/, config.json")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("iterate", help="expert iteration: rounds of sample, keep the best, fine-tune",
+                       description="Expert iteration (rejection-sampling fine-tuning): each round "
+                                   "samples from the current policy, keeps the best (or every "
+                                   "good-enough) response per prompt and fine-tunes on them with SFT. "
+                                   "Running the same command again continues where it stopped. "
+                                   "Override any config key with --config.KEY=VALUE.")
+    p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]",
+                   help="e.g. configs/expert_iteration.py:tiny")
+    p.add_argument("--workdir", required=True,
+                   help="round_R/ (samples.jsonl, sft/, round.json) per round, expert_iteration.json")
+    p.set_defaults(func=cmd_iterate)
+
     p = sub.add_parser("sweep", help="run a sweep file's override sets one after another")
     p.add_argument("--sweep", required=True, help="configs/sweeps/NAME.py")
     p.add_argument("--workdir", required=True, help="each run goes to WORKDIR/<run name>")
@@ -397,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", required=True,
                    help="reward spec: toy (the checker), a reward-model dir, python:FILE:FUNCTION, "
                         "or a weighted sum such as 'toy + 0.5*runs/rm' (see README, Reward sources)")
-    p.add_argument("--mode", choices=("best_of_n", "pairs", "ranked", "rso"), default="pairs")
+    p.add_argument("--mode", choices=("best_of_n", "filtered", "pairs", "ranked", "rso"), default="pairs",
+                   help="best_of_n: the best response (SFT record); filtered: every distinct response "
+                        "scoring >= --min-reward (SFT records); pairs: best vs worst; ranked: "
+                        "RRHF/PRO lists; rso: RSO rejection sampling, paired")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (RSO: candidates, e.g. 64)")
     p.add_argument("--num-prompts", type=int, default=0, help="use the first N prompts (0: all)")
@@ -409,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
     p.add_argument("--rso-beta", type=float, default=0.5, help="RSO: temperature of the target r/beta")
+    p.add_argument("--min-reward", type=float, default=None,
+                   help="best_of_n / filtered: keep only responses scoring at least this "
+                        "(e.g. 1 with the toy checker: correct answers only)")
     p.add_argument("--rso-accept", type=int, default=8, help="RSO: samples to accept per prompt")
     _add_mesh(p)
     p.set_defaults(func=cmd_sample)
@@ -527,7 +552,7 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     args.overrides = [u for u in unknown if u.startswith("--config.")]
     rest = [u for u in unknown if not u.startswith("--config.")]
-    if rest or (args.overrides and args.command not in ("train", "sweep", "compile")):
+    if rest or (args.overrides and args.command not in ("train", "iterate", "sweep", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     from alignjax.errors import UserError, describe_os_error
     try:

@@ -1,7 +1,11 @@
 """Sampling-based data (docs/algorithms.md section 5): sample n responses per prompt from a policy,
 score them with a reward, and keep what a method needs.
 
-- ``best_of_n``: the best response per prompt, as SFT records (one round of expert iteration).
+- ``best_of_n``: the best response per prompt, as SFT records (one round of expert iteration);
+  with `min_reward`, only where it earns at least that (rejection-sampling fine-tuning).
+- ``filtered``: every distinct response with a reward >= `min_reward`, as SFT records.
+  SFT records of chat prompts are conversational (``prompt``/``completion`` message lists), so
+  SFT renders them with the chat template the samples were drawn with.
 - ``pairs``: best vs worst response per prompt, as preference pairs: on-policy data for DPO, whose
   rejected answers are the policy's own mistakes.
 - ``ranked``: the distinct responses sorted by reward, as ranked records for RRHF/PRO.
@@ -26,7 +30,8 @@ import numpy as np
 
 from alignjax.errors import UserError
 
-MODES = ("best_of_n", "pairs", "ranked", "rso")
+MODES = ("best_of_n", "filtered", "pairs", "ranked", "rso")
+SFT_MODES = ("best_of_n", "filtered")  # records for SFT; the others are preference data
 
 
 # ---- selection rules (pure) -------------------------------------------------------------------
@@ -68,15 +73,26 @@ def pair_by_reward(indices: Sequence[int], rewards_n: np.ndarray,
 
 
 def select(mode: str, prompt: str, texts: Sequence[str], rewards_n: np.ndarray,
-           rng: np.random.Generator, rso_beta: float = 0.5, rso_accept_n: int = 8) -> list[dict]:
-    """The records one prompt's scored samples yield under `mode` (possibly none)."""
+           rng: np.random.Generator, rso_beta: float = 0.5, rso_accept_n: int = 8,
+           min_reward: Optional[float] = None) -> list[dict]:
+    """The records one prompt's scored samples yield under `mode` (possibly none).
+
+    `min_reward` (best_of_n, filtered): responses scoring less are never kept."""
     keep = [i for i, t in enumerate(texts) if t.strip()]
     texts, rewards_n = [texts[i] for i in keep], np.asarray(rewards_n, np.float64)[keep]
     if not texts:
         return []
-    if mode == "best_of_n":
-        i = int(np.argmax(rewards_n))
-        return [{"prompt": prompt, "completion": texts[i], "reward": float(rewards_n[i])}]
+    if mode in ("best_of_n", "filtered"):
+        if mode == "best_of_n":
+            indices = [int(np.argmax(rewards_n))]
+        else:
+            first = {}
+            for i, t in enumerate(texts):  # one record per distinct response
+                first.setdefault(t, i)
+            indices = sorted(first.values())
+        floor = -np.inf if min_reward is None else min_reward
+        return [{"prompt": prompt, "completion": texts[i], "reward": float(rewards_n[i])}
+                for i in indices if rewards_n[i] >= floor]
     if mode == "pairs":
         bw = best_worst(rewards_n)
         return [] if bw is None else [_pair(prompt, texts, rewards_n, *bw)]
@@ -136,7 +152,8 @@ class SampleReport:
     prompts: int
     samples: int
     records: int
-    skipped_equal: int      # prompts whose samples all earned the same reward (or were empty)
+    skipped: int            # prompts that yielded no record: all samples scored the same, all
+                            # were empty, or (best_of_n, filtered) none reached min_reward
     empty: int              # empty responses, never written
     mean_reward: float      # over all samples: the policy's average reward
     best_of_n_reward: float  # mean over prompts of the best sample's reward
@@ -145,8 +162,8 @@ class SampleReport:
 def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable, mode: str, n: int,
                    out_path: str, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                    max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0, chat: bool = True,
-                   rso_beta: float = 0.5, rso_accept_n: int = 8, progress: bool = True,
-                   run_key: Optional[dict] = None) -> SampleReport:
+                   rso_beta: float = 0.5, rso_accept_n: int = 8, min_reward: Optional[float] = None,
+                   progress: bool = True, run_key: Optional[dict] = None) -> SampleReport:
     """Samples `n` responses per prompt with the KV-cache generator, scores them, writes JSONL.
 
     Prompts go in chunks of about `batch_size` sequences; each chunk's scored samples are appended
@@ -160,7 +177,9 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
     from alignjax.model.tokenize import encode_prompts
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
-    if n < 2 and mode != "best_of_n":
+    if mode == "filtered" and min_reward is None:
+        raise UserError("--mode filtered keeps the responses scoring at least --min-reward: set it")
+    if n < 2 and mode not in ("best_of_n", "filtered"):
         raise UserError(f"--n {n}: mode {mode} compares samples, it needs n >= 2")
     gen = Generator(model.module, model.mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -194,8 +213,12 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
     rng = np.random.default_rng(seed)
     records, skipped = [], 0
     for p, prompt in enumerate(prompts):
-        got = select(mode, prompt, texts[p * n:(p + 1) * n], rewards[p], rng, rso_beta, rso_accept_n)
-        skipped += mode != "best_of_n" and not got
+        got = select(mode, prompt, texts[p * n:(p + 1) * n], rewards[p], rng, rso_beta, rso_accept_n,
+                     min_reward)
+        if chat and mode in SFT_MODES:  # as messages: SFT then renders the chat template sampling used
+            got = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}],
+                    "completion": [{"role": "assistant", "content": r["completion"]}]} for r in got]
+        skipped += not got
         records += got
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     _write_lines(out_path + ".tmp", records, mode="w")

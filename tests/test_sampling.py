@@ -48,6 +48,11 @@ def test_select_modes():
     [ranked] = sampling.select("ranked", "p", texts, r, rng)
     assert ranked["responses"] == ["b", "a"] and ranked["scores"] == [1.0, 0.5]
     assert sampling.select("pairs", "p", ["x", "y"], np.array([1.0, 1.0]), rng) == []
+    # min_reward: rejection-sampling fine-tuning keeps only good-enough responses
+    assert sampling.select("best_of_n", "p", texts, r, rng, min_reward=1.5) == []
+    assert [x["completion"] for x in sampling.select("best_of_n", "p", texts, r, rng, min_reward=1.0)] == ["b"]
+    kept = sampling.select("filtered", "p", texts + ["c"], np.append(r, 0.7), rng, min_reward=0.5)
+    assert [(x["completion"], x["reward"]) for x in kept] == [("a", 0.5), ("b", 1.0), ("c", 0.7)]  # "a" once
     with pytest.raises(Exception, match="--mode"):
         sampling.select("bogus", "p", texts, r, rng)
 
