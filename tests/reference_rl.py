@@ -265,3 +265,14 @@ def critic_free_update(logits, targets, old, adv, mask, temperature, eps_low, ep
              "clip_ratio/region_mean": masked_mean(np.maximum(low, high), mask),
              "kl": masked_mean(np.exp(x) - x - 1, mask)}
     return aggregate(loss, mask, loss_type, max_len), means
+
+
+def online_dpo_pairs(scores, has_eos, penalty):
+    """TRL OnlineDPOTrainer's pair construction, in its own layout: the batch's first half holds
+    every prompt's first sample, the second half the second; penalise missing EOS; first wins ties.
+    Returns (chosen, rejected) indices into that layout and the penalised scores."""
+    r = np.asarray(scores, np.float64) - penalty * ~np.asarray(has_eos, bool)
+    b = len(r) // 2
+    first_wins = r[:b] >= r[b:]
+    idx = np.arange(b)
+    return idx + (~first_wins) * b, idx + first_wins * b, r

@@ -29,7 +29,8 @@ from alignjax.model.config import ConfigError
 
 # name -> module defining SPEC (add a line here to register an algorithm)
 MODULES = {"sft": "alignjax.train.sft", "reward": "alignjax.train.reward", "dpo": "alignjax.train.dpo",
-           "ppo": "alignjax.train.ppo", "grpo": "alignjax.train.grpo"}
+           "ppo": "alignjax.train.ppo", "grpo": "alignjax.train.grpo",
+           "online_dpo": "alignjax.train.online_dpo"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,14 +124,17 @@ class Roller:
 
     def __init__(self, policy_module, mesh, rules, tokenizer, settings: RolloutSettings, *,
                  reward=None, value_module=None, ref_module=None, cache_dtype=None,
-                 eos_ids=None, pad_id=None):
+                 eos_ids=None, pad_id=None, old_logps: bool = True):
         """`eos_ids` / `pad_id`: default the tokenizer's stop tokens and pad (given both, `sample`
-        needs no tokenizer: `alignjax bench rollout` samples without stop tokens)."""
+        needs no tokenizer: `alignjax bench rollout` samples without stop tokens).
+        `old_logps=False` skips the scoring forward when no reference or value model needs it
+        (online DPO computes its log-probs in the update)."""
         from alignjax.data.tokenizer import stop_token_ids
         from alignjax.model.generate import Generator
         self.policy_module, self.value_module, self.ref_module = policy_module, value_module, ref_module
         self.mesh, self.rules, self.tokenizer = mesh, rules, tokenizer
         self.settings, self.reward = settings, reward
+        self.scoring_forward = old_logps or ref_module is not None or value_module is not None
         self.pad_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
         self.eos_ids = stop_token_ids(tokenizer) if eos_ids is None else tuple(eos_ids)
         self.generator = Generator(policy_module, mesh, rules, eos_ids=self.eos_ids,
@@ -181,7 +184,8 @@ class Roller:
         query, query_mask = pad_prompts(prompt_ids, self.settings.max_prompt_len, self.pad_id)
         batch = self.sample(params["policy"], query, query_mask, seed)
         t1 = time.perf_counter()
-        batch.update(self.forward(params, frozen, batch))
+        if self.scoring_forward:
+            batch.update(self.forward(params, frozen, batch))
         batch["scores"] = self.score(prompt_texts, prompt_ids, batch)
         t2 = time.perf_counter()
         completions = [row[m > 0].tolist() for row, m in zip(batch["response"], batch["response_mask"])]
