@@ -107,6 +107,11 @@ def cmd_iterate(args):
     expert_iteration.run(_config(args), args.workdir)
 
 
+def cmd_compare(args):
+    from alignjax import compare
+    compare.run(_config(args), args.workdir)
+
+
 def cmd_sweep(args):
     from alignjax.config import expand_sweep, load_config
     base, runs = expand_sweep(args.sweep)
@@ -367,6 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round_R/ (samples.jsonl, sft/, round.json) per round, expert_iteration.json")
     p.set_defaults(func=cmd_iterate)
 
+    p = sub.add_parser("compare", help="run many alignment methods from one SFT start, one table",
+                       description="From compare.start, train every method of compare.methods for "
+                                   "compare.steps steps (toy presets), then score each on the "
+                                   "held-out toy prompts: accuracy, KL to the start, length, "
+                                   "samples, seconds. Writes WORKDIR/compare.md, .json and .png; "
+                                   "running the same command again resumes.")
+    p.add_argument("--config", required=True, metavar="FILE.py[:PRESET]", help="configs/compare.py:toy")
+    p.add_argument("--workdir", required=True, help="one folder per method, compare.md/.json/.png")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("sweep", help="run a sweep file's override sets one after another")
     p.add_argument("--sweep", required=True, help="configs/sweeps/NAME.py")
     p.add_argument("--workdir", required=True, help="each run goes to WORKDIR/<run name>")
@@ -552,7 +567,7 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     args.overrides = [u for u in unknown if u.startswith("--config.")]
     rest = [u for u in unknown if not u.startswith("--config.")]
-    if rest or (args.overrides and args.command not in ("train", "iterate", "sweep", "compile")):
+    if rest or (args.overrides and args.command not in ("train", "iterate", "compare", "sweep", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     from alignjax.errors import UserError, describe_os_error
     try:

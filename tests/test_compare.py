@@ -1,0 +1,77 @@
+"""`alignjax compare`: a reduced comparison writes its table and picture, resumes, refuses bad input."""
+
+import json
+import os
+
+import pytest
+
+from alignjax import compare
+from alignjax.config import load_config
+from alignjax.errors import UserError
+from alignjax.model.config import ConfigError
+
+SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+         "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.path=toy",
+         "train.batch_size=8", "optimizer.warmup_steps=1", "checkpoint.async_save=False"]
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    """A two-step SFT run: a small, nearly random model with the toy tokenizer."""
+    from alignjax.train import run_training
+    workdir = tmp_path_factory.mktemp("start")
+    run_training(load_config("configs/sft.py:tiny", SMALL + ["train.steps=2", "train.eval_every=0"]),
+                 str(workdir))
+    return str(workdir)
+
+
+def _config(start, *extra):
+    return load_config("configs/compare.py:toy", [
+        f"compare.start={start}", "compare.methods=best_of_4,dpo,grpo", "compare.steps=2",
+        "compare.eval_prompts=6", "compare.overrides.dpo=('train.batch_size=8',)",
+        "compare.overrides.grpo=('train.batch_size=16', 'grpo.samples_per_prompt=4')", *extra])
+
+
+@pytest.mark.slow  # trains two methods for 2 steps each, evaluates four models
+def test_reduced_comparison_writes_table_and_png_and_resumes(start_model, tmp_path):
+    workdir = tmp_path / "cmp"
+    rows = compare.run(_config(start_model), str(workdir))
+    assert [r["method"] for r in rows] == ["start (SFT)", "best_of_4", "dpo", "grpo"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and r["mean_length"] >= 0 and r["seconds"] >= 0
+    assert abs(rows[0]["kl"]) < 1e-4  # the start model against itself (sampler vs forward log-probs)
+    assert rows[1]["kl"] == pytest.approx(compare.math.log(4) - 3 / 4)  # best-of-n's analytic KL
+    assert rows[1]["policy_samples"] == 4 * 6 and rows[2]["policy_samples"] == 0
+    assert rows[3]["policy_samples"] == 2 * 16  # steps x responses per rollout
+    table = (workdir / "compare.md").read_text()
+    assert all(f"| {r['method']} |" in table for r in rows)
+    assert json.loads((workdir / "compare.json").read_text())["rows"] == rows
+    assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("dpo", "grpo"):  # each method trained in its own workdir, from the start model
+        cfg = json.loads((workdir / name / "run" / "config.json").read_text())
+        assert cfg["model"]["init_from"] == start_model and cfg["train"]["steps"] == 2
+
+    # Resume: finished methods are read back, not run again; a lost result is recomputed from
+    # the finished training run (which does not train again).
+    stamps = {n: os.stat(workdir / n / "result.json").st_mtime_ns for n in ("start", "best_of_4", "grpo")}
+    os.remove(workdir / "dpo" / "result.json")
+    again = compare.run(_config(start_model), str(workdir))
+    assert {n: os.stat(workdir / n / "result.json").st_mtime_ns for n in stamps} == stamps
+    assert again[2]["accuracy"] == rows[2]["accuracy"]
+    metrics = (workdir / "dpo" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in metrics][-1] == 2
+
+    with pytest.raises(UserError, match="started from .* not .*elsewhere"):
+        compare.run(_config(str(tmp_path / "elsewhere")), str(workdir))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("compare.methods=dpo,bogus",), "compare.methods: unknown method 'bogus'; choose from best_of_4"),
+    (("compare.methods=dpo,dpo",), "names a method twice"),
+    (("compare.start=",), "compare.start is empty"),
+    (("compare.steps=1",), "compare.steps=1"),
+])
+def test_bad_comparison_configs_name_the_key(overrides, message):
+    config = load_config("configs/compare.py:toy", ["compare.start=runs/sft", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        compare.settings(config)
