@@ -314,6 +314,21 @@ def wrong_answers(example: ToyExample, rng: Rng, k: int) -> list[str]:
     raise RuntimeError(f"could not find {k} wrong answers for {example.prompt!r}")
 
 
+IMPERFECT_SHARE = 0.3  # data.train=toy_imperfect: this share of demonstrations is wrong
+
+
+def imperfect(examples: Sequence[ToyExample], share: float = IMPERFECT_SHARE, seed: int = 7) -> list:
+    """The examples with a seeded `share` of their answers replaced by a plausible wrong answer
+    (`wrong_answer`): demonstrations with errors, as real ones have. SFT on them imitates the
+    errors; methods that use the checker or preferences can do better."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in examples:
+        wrong = rng.random() < share
+        out.append(dataclasses.replace(e, answer=wrong_answer(e, rng)) if wrong else e)
+    return out
+
+
 def wrong_answer(example: ToyExample, rng: Rng) -> str:
     """One plausible wrong response (partial sort, a changed/missing word, off-by-one, ...)."""
     return wrong_answers(example, rng, 1)[0]

@@ -108,12 +108,16 @@ def with_new_score_head(lm_params, module, mesh, rules_, seed: int, zero: bool =
     return {"params": {**backbone, "score": {"kernel": score}}}
 
 
+TOY_SPECS = ("toy", "toy_imperfect")
+
+
 def data_sources(spec: str, workdir: str, split: str, kind: str = "sft") -> list:
-    """Comma-separated source specs; "toy" writes the toy suite's records into WORKDIR/data."""
+    """Comma-separated source specs; "toy" writes the toy suite's records into WORKDIR/data,
+    "toy_imperfect" its SFT records with a share of wrong demonstrations (toy.imperfect)."""
     out = []
     for part in [s.strip() for s in spec.split(",") if s.strip()]:
-        if part == "toy":
-            out.append(write_toy_split(workdir, split, kind))
+        if part in TOY_SPECS:
+            out.append(write_toy_split(workdir, split, kind, imperfect=part == "toy_imperfect"))
         else:
             out.append(part)
     return out
@@ -130,8 +134,8 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
     from alignjax.data import validate
     toy_kind = {"sft": "sft", "pair": "preference", "ranked": "ranked", "kto": "kto"}[kind]
     specs = data_sources(spec, workdir, split, toy_kind)
-    toy = "toy" in [s.strip() for s in spec.split(",")]
-    trusted = [write_toy_split(workdir, split, toy_kind)] if toy else []
+    trusted = [write_toy_split(workdir, split, toy_kind, imperfect=part == "toy_imperfect")
+               for part in dict.fromkeys(s.strip() for s in spec.split(",")) if part in TOY_SPECS]
     seq_len, what = int(data_cfg.seq_len), f"data.{split}"
     if kind == "sft":
         from alignjax.data.formatting import FormatConfig, SFTFormatter
@@ -155,13 +159,20 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
     return out
 
 
-def write_toy_split(workdir: str, split: str, kind: str = "sft") -> str:
+def write_toy_split(workdir: str, split: str, kind: str = "sft", imperfect: bool = False) -> str:
     from alignjax.data import toy
-    path = os.path.join(workdir, "data", f"toy_{kind}_{split}.jsonl")
+    from alignjax.data.sources import DataError
+    if imperfect and kind != "sft":
+        raise DataError(f"data.{split}=toy_imperfect holds SFT demonstrations, some wrong; "
+                        "preference and reward data read data.train=toy")
+    name = f"toy_{kind}_{split}" + ("_imperfect" if imperfect else "")
+    path = os.path.join(workdir, "data", f"{name}.jsonl")
     # Every process writes it (same seed, same bytes), through its own temporary file: hosts of a
     # pod may not share a disk, and where they do, the atomic rename makes the race harmless.
     if not os.path.exists(path):
         splits = toy.toy_splits()
+        if imperfect:
+            splits = {k: toy.imperfect(v) for k, v in splits.items()}
         records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
                    "preference": lambda ex: toy.preference_records(ex, seed=1),
                    "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),
