@@ -186,7 +186,6 @@ def _torch_train(config, algorithm, batch, seq_len, steps):
 
 def _jax_side(config, what, batch, seq_len, new_tokens, steps, mesh_sizes):
     import jax
-    import jax.numpy as jnp
     from alignjax import sharding as shd
     from alignjax.model.generate import Generator, SamplingParams
     from alignjax.model.params import build_module, init_params

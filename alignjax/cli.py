@@ -131,7 +131,6 @@ def cmd_sweep(args):
 
 
 def cmd_compile(args):
-    import jax
     from alignjax import aot
     from alignjax.train.compile import compile_programs
     from alignjax.train.registry import validate_config

@@ -188,7 +188,7 @@ def test_missing_fields_error_names_location(tmp_path, bpe_tokenizer):
     recs = _records(4)
     recs[2] = {"prompt": "only a prompt"}
     path = _write_jsonl(tmp_path / "m.jsonl", recs)
-    with pytest.raises(DataError, match=rf"m.jsonl:3: .*expected keys .*'completion'"):
+    with pytest.raises(DataError, match=r"m.jsonl:3: .*expected keys .*'completion'"):
         list(make_sft_iterator(path, bpe_tokenizer, {}, seed=0, batch_size=2, seq_len=64,
                                num_epochs=1, shuffle=False))
     fmt = SFTFormatter(bpe_tokenizer, {"format": "messages"})

@@ -7,7 +7,6 @@ the cache file.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from alignjax.model.config import ConfigError
