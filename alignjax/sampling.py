@@ -188,6 +188,7 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
            "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
            "batch_size": batch_size, "seed": seed, "chat": chat}
     partial = out_path + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     done = _read_partial(partial, key)  # prompt index -> (texts, rewards) of an earlier run
     per_chunk = max(1, batch_size // n)  # whole prompts: a prompt's n copies side by side
     chunks = [range(s, min(s + per_chunk, len(prompts))) for s in range(0, len(prompts), per_chunk)]
@@ -220,7 +221,6 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
                     "completion": [{"role": "assistant", "content": r["completion"]}]} for r in got]
         skipped += not got
         records += got
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     _write_lines(out_path + ".tmp", records, mode="w")
     os.replace(out_path + ".tmp", out_path)
     os.remove(partial)

@@ -15,6 +15,9 @@ SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidde
          "train.batch_size=8", "optimizer.warmup_steps=1", "checkpoint.async_save=False"]
 
 
+LENGTH = os.path.join(os.path.dirname(__file__), "length_reward.py")
+
+
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory):
     """A two-step SFT run: a small, nearly random model with the toy tokenizer."""
@@ -27,8 +30,9 @@ def start_model(tmp_path_factory):
 
 def _config(start, *extra):
     return load_config("configs/compare.py:toy", [
-        f"compare.start={start}", "compare.methods=best_of_4,dpo,grpo", "compare.steps=2",
-        "compare.eval_prompts=6", "compare.overrides.dpo=('train.batch_size=8',)",
+        f"compare.start={start}", f"compare.reward=python:{LENGTH}:reward", "compare.methods=best_of_4,rso,grpo", "compare.steps=2",
+        "compare.eval_prompts=6", "compare.rso_prompts=8", "compare.rso_candidates=4",
+        "compare.overrides.rso=('train.batch_size=8',)",
         "compare.overrides.grpo=('train.batch_size=16', 'grpo.samples_per_prompt=4')", *extra])
 
 
@@ -36,29 +40,31 @@ def _config(start, *extra):
 def test_reduced_comparison_writes_table_and_png_and_resumes(start_model, tmp_path):
     workdir = tmp_path / "cmp"
     rows = compare.run(_config(start_model), str(workdir))
-    assert [r["method"] for r in rows] == ["start (SFT)", "best_of_4", "dpo", "grpo"]
+    assert [r["method"] for r in rows] == ["start (SFT)", "best_of_4", "rso", "grpo"]
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and r["mean_length"] >= 0 and r["seconds"] >= 0
     assert abs(rows[0]["kl"]) < 1e-4  # the start model against itself (sampler vs forward log-probs)
     assert rows[1]["kl"] == pytest.approx(compare.math.log(4) - 3 / 4)  # best-of-n's analytic KL
-    assert rows[1]["policy_samples"] == 4 * 6 and rows[2]["policy_samples"] == 0
+    assert rows[1]["policy_samples"] == 4 * 6 and rows[2]["policy_samples"] == 8 * 4
     assert rows[3]["policy_samples"] == 2 * 16  # steps x responses per rollout
     table = (workdir / "compare.md").read_text()
     assert all(f"| {r['method']} |" in table for r in rows)
     assert json.loads((workdir / "compare.json").read_text())["rows"] == rows
     assert (workdir / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("dpo", "grpo"):  # each method trained in its own workdir, from the start model
+    rso = [json.loads(x) for x in (workdir / "rso" / "rso.jsonl").read_text().splitlines()]
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in rso)  # RSO pairs from the start model
+    for name in ("rso", "grpo"):  # each method trained in its own workdir, from the start model
         cfg = json.loads((workdir / name / "run" / "config.json").read_text())
         assert cfg["model"]["init_from"] == start_model and cfg["train"]["steps"] == 2
 
     # Resume: finished methods are read back, not run again; a lost result is recomputed from
     # the finished training run (which does not train again).
     stamps = {n: os.stat(workdir / n / "result.json").st_mtime_ns for n in ("start", "best_of_4", "grpo")}
-    os.remove(workdir / "dpo" / "result.json")
+    os.remove(workdir / "rso" / "result.json")
     again = compare.run(_config(start_model), str(workdir))
     assert {n: os.stat(workdir / n / "result.json").st_mtime_ns for n in stamps} == stamps
     assert again[2]["accuracy"] == rows[2]["accuracy"]
-    metrics = (workdir / "dpo" / "run" / "metrics.jsonl").read_text().splitlines()
+    metrics = (workdir / "rso" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in metrics][-1] == 2
 
     with pytest.raises(UserError, match="started from .* not .*elsewhere"):
