@@ -89,7 +89,7 @@ def test_rounds_chain_and_an_interrupted_run_continues(start_model, tmp_path, mo
 @pytest.mark.parametrize("overrides, message", [
     (("expert_iteration.keep=most",), "expert_iteration.keep='most': use one of best, all"),
     (("expert_iteration.rounds=0",), "expert_iteration.rounds=0"),
-    (("expert_iteration.temperature=-1.0",), "temperature must be >= 0"),
+    (("expert_iteration.temperature=-1.0",), r"expert_iteration.temperature=-1.0: must be >= 0"),
     (("model.init_from=",), "model.init_from is empty"),
 ])
 def test_bad_settings_name_the_key(overrides, message):
