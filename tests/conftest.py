@@ -68,3 +68,21 @@ def sft_run(tmp_path_factory):
     workdir = pathlib.Path(reuse) if reuse else tmp_path_factory.mktemp("sft_tiny")
     out = run_training(load_config("configs/sft.py:tiny", ["train.log_every=50"]), str(workdir))
     return workdir, out
+
+
+# A small model on the toy tokenizer, for tests whose point is the plumbing, not learning.
+SMALL_MODEL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
+               "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.path=toy"]
+
+
+@pytest.fixture(scope="session")
+def small_start_model(tmp_path_factory):
+    """A two-step SFT run of SMALL_MODEL: a nearly random start model directory (expert
+    iteration and the comparison start from it)."""
+    from alignjax.config import load_config
+    from alignjax.train import run_training
+    workdir = tmp_path_factory.mktemp("small_start")
+    run_training(load_config("configs/sft.py:tiny", SMALL_MODEL + [
+        "train.steps=2", "train.batch_size=8", "train.eval_every=0", "optimizer.warmup_steps=1",
+        "checkpoint.async_save=False"]), str(workdir))
+    return str(workdir)

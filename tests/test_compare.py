@@ -10,34 +10,21 @@ from alignjax.config import load_config
 from alignjax.errors import UserError
 from alignjax.model.config import ConfigError
 
-SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.path=toy",
-         "train.batch_size=8", "optimizer.warmup_steps=1", "checkpoint.async_save=False"]
-
-
 LENGTH = os.path.join(os.path.dirname(__file__), "length_reward.py")
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    """A two-step SFT run: a small, nearly random model with the toy tokenizer."""
-    from alignjax.train import run_training
-    workdir = tmp_path_factory.mktemp("start")
-    run_training(load_config("configs/sft.py:tiny", SMALL + ["train.steps=2", "train.eval_every=0"]),
-                 str(workdir))
-    return str(workdir)
 
 
 def _config(start, *extra):
     return load_config("configs/compare.py:toy", [
-        f"compare.start={start}", f"compare.reward=python:{LENGTH}:reward", "compare.methods=best_of_4,rso,grpo", "compare.steps=2",
+        f"compare.start={start}", f"compare.reward=python:{LENGTH}:reward",
+        "compare.methods=best_of_4,rso,grpo", "compare.steps=2",
         "compare.eval_prompts=6", "compare.rso_prompts=8", "compare.rso_candidates=4",
         "compare.overrides.rso=('train.batch_size=8',)",
         "compare.overrides.grpo=('train.batch_size=16', 'grpo.samples_per_prompt=4')", *extra])
 
 
 @pytest.mark.slow  # trains two methods for 2 steps each, evaluates four models
-def test_reduced_comparison_writes_table_and_png_and_resumes(start_model, tmp_path):
+def test_reduced_comparison_writes_table_and_png_and_resumes(small_start_model, tmp_path):
+    start_model = small_start_model
     workdir = tmp_path / "cmp"
     rows = compare.run(_config(start_model), str(workdir))
     assert [r["method"] for r in rows] == ["start (SFT)", "best_of_4", "rso", "grpo"]

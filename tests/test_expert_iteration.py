@@ -10,20 +10,8 @@ from alignjax.errors import UserError
 from alignjax.model.config import ConfigError
 from alignjax.train import expert_iteration
 
-SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "tokenizer.path=toy",
-         "train.batch_size=8", "train.log_every=1", "optimizer.warmup_steps=1",
-         "checkpoint.async_save=False"]
-
-
-@pytest.fixture(scope="module")
-def start_model(tmp_path_factory):
-    """A two-step SFT run: a small, nearly random model with the toy tokenizer."""
-    from alignjax.train import run_training
-    workdir = tmp_path_factory.mktemp("start")
-    run_training(load_config("configs/sft.py:tiny", SMALL + ["train.steps=2", "train.eval_every=0"]),
-                 str(workdir))
-    return str(workdir)
+# the rounds' SFT runs: the start model's architecture, small batches
+SMALL = ["train.batch_size=8", "train.log_every=1", "optimizer.warmup_steps=1", "checkpoint.async_save=False"]
 
 
 def _config(start, reward, *extra):
@@ -36,7 +24,8 @@ def _config(start, reward, *extra):
 
 
 @pytest.mark.slow  # two rounds of sampling and SFT, twice
-def test_rounds_chain_and_an_interrupted_run_continues(start_model, tmp_path, monkeypatch):
+def test_rounds_chain_and_an_interrupted_run_continues(small_start_model, tmp_path, monkeypatch):
+    start_model = small_start_model
     reward = tmp_path / "length.py"  # a reward every random sample gets a different share of
     reward.write_text("def reward(prompts, completions):\n"
                       "    return [float(len(c)) for c in completions]\n")
