@@ -65,7 +65,8 @@ METHODS = {
     "rloo": Method("train", "configs/grpo.py:tiny", ("grpo.advantage=rloo",)),
     "reinforce_pp": Method("train", "configs/grpo.py:tiny", ("grpo.advantage=reinforce_pp",)),
 }
-COLUMNS = ("method", "accuracy", "kl", "mean_length", "rm_score", "policy_samples", "seconds")
+ANSWER_TOKENS = 16  # new tokens per toy answer: answers are at most 12 tokens + EOS
+BATCH = 256         # sequences per generate call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _rso_data(s: Settings, out: str) -> int:
     tokenizer = load_model_tokenizer(model, s.start)
     prompts = sampling.read_prompts("toy", s.rso_prompts)
     sampling.sample_dataset(model, tokenizer, prompts, sampling.reward_function(s.reward, mesh), "rso",
-                            s.rso_candidates, out, max_new_tokens=16, batch_size=256,
+                            s.rso_candidates, out, max_new_tokens=ANSWER_TOKENS, batch_size=BATCH,
                             run_key={"model": s.start, "reward": s.reward})
     return n
 
@@ -193,13 +194,14 @@ def evaluate(model_dir: str, s: Settings, best_of: int = 0) -> dict:
         n = best_of
         rows = [i for i in range(len(prompts)) for _ in range(n)]
         texts = gen.generate_texts(model.params, tokenizer, [ids[i] for i in rows],
-                                   SamplingParams(max_new_tokens=16, temperature=1.0, seed=1), 256)
+                                   SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=1),
+                                   BATCH)
         rewards = np.asarray(_reward(s)([prompts[i] for i in rows], texts), np.float64).reshape(-1, n)
         answers = [texts[i * n + int(np.argmax(r))] for i, r in enumerate(rewards)]
         kl = math.log(n) - (n - 1) / n
     else:
-        answers = gen.generate_texts(model.params, tokenizer, ids, SamplingParams(max_new_tokens=16,
-                                                                                  temperature=0.0), 256)
+        answers = gen.generate_texts(model.params, tokenizer, ids,
+                                     SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=0.0), BATCH)
         kl = _kl_to_start(gen, model, ids, load_model(s.start, mesh, head="lm"))
     scores = [toy.check(e, a) for e, a in zip(examples, answers)]
     out = {"accuracy": float(np.mean(scores)), "kl": float(kl),
@@ -228,7 +230,7 @@ def _kl_to_start(gen, model, ids, start) -> float:
     ids = list(ids) + [ids[-1]] * (rows - n)
     query, query_mask = pad_prompts(ids, width, gen.pad_id)
     out = gen.generate_padded(model.params, query, query_mask,
-                              SamplingParams(max_new_tokens=16, temperature=1.0, seed=2))
+                              SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=2))
     batch = dict(query=query, query_mask=query_mask, response=out["tokens"].astype(np.int32),
                  response_mask=out["mask"].astype(np.int32))
     with shd.mesh_context(start.mesh, start.rules):
