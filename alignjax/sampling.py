@@ -82,7 +82,7 @@ def select(mode: str, prompt: str, texts: Sequence[str], rewards_n: np.ndarray,
     texts, rewards_n = [texts[i] for i in keep], np.asarray(rewards_n, np.float64)[keep]
     if not texts:
         return []
-    if mode in ("best_of_n", "filtered"):
+    if mode in SFT_MODES:
         if mode == "best_of_n":
             indices = [int(np.argmax(rewards_n))]
         else:
@@ -179,7 +179,7 @@ def sample_dataset(model, tokenizer, prompts: Sequence[str], reward_fn: Callable
         raise UserError(f"--mode {mode!r}: choose from {', '.join(MODES)}")
     if mode == "filtered" and min_reward is None:
         raise UserError("--mode filtered keeps the responses scoring at least --min-reward: set it")
-    if n < 2 and mode not in ("best_of_n", "filtered"):
+    if n < 2 and mode not in SFT_MODES:
         raise UserError(f"--n {n}: mode {mode} compares samples, it needs n >= 2")
     gen = Generator(model.module, model.mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

@@ -139,9 +139,9 @@ def pair_batch(batch: dict, chosen, rejected, valid) -> dict:
     layout of alignjax.data.preference: left-padded prompt then response, padding in segment 0,
     positions counting real tokens, targets = next token, loss on the response tokens;
     `example_valid` [B] = `valid` (pairs with weight 0 are left out of every mean)."""
-    tokens = np.concatenate([batch["query"], batch["response"]], axis=1)
-    mask = np.concatenate([batch["query_mask"], batch["response_mask"]], axis=1).astype(np.int32)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    from alignjax.train.rollout import sequence_inputs  # the layout the rollout's forwards use
+    tokens, positions, mask = (np.asarray(x, np.int32) for x in sequence_inputs(
+        batch["query"], batch["query_mask"], batch["response"], batch["response_mask"]))
     p = batch["query"].shape[1]
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
