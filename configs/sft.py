@@ -90,6 +90,16 @@ def base_config() -> ConfigDict:
     t.eval_every = 200  # 0 = no periodic evaluation
     t.eval_batches = 16
     t.eval_on_start = False  # also evaluate before the first step (the starting model's metrics, step 0)
+    # Generation-based eval (alignjax.train.gen_eval): every N steps the policy answers held-out
+    # prompts; logs eval/reward_mean, eval/response_length, eval/win_rate_vs_start. 0 = off.
+    t.eval_generate_every = 0
+    t.eval_generate_prompts = "toy"  # toy (held-out toy prompts) or a data file with a 'prompt' field
+    t.eval_generate_num = 64  # prompts (the first N)
+    t.eval_generate_max_new_tokens = 64
+    t.eval_generate_temperature = 0.0  # 0 = greedy
+    t.eval_generate_batch_size = 64
+    t.eval_reward = ""  # reward spec for eval/reward_mean: toy, a reward-model dir, python:FILE:FN
+    t.eval_judge = ""  # win-rate judge: toy, reward:DIR, llm:DIR; empty = the higher eval_reward wins
     t.nan_guard = True  # stop with an error (not a silent skip) on a non-finite loss
 
     c.checkpoint = k = ConfigDict()

@@ -9,7 +9,8 @@ from typing import Sequence
 from alignjax.errors import UserError
 
 HEADLINE = ("loss", "eval/loss", "eval/accuracy", "eval/rewards/accuracies", "rewards/margins",
-            "objective/rlhf_reward", "objective/kl", "tokens_per_s")
+            "objective/rlhf_reward", "objective/kl", "eval/reward_mean", "eval/response_length",
+            "eval/win_rate_vs_start", "tokens_per_s")
 
 
 def _pyplot():

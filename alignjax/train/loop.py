@@ -23,6 +23,7 @@ from alignjax import sharding as shd
 from alignjax.checkpoint import Checkpointer, has_checkpoint
 from alignjax.errors import UserError
 from alignjax.model.store import MODEL_FILE
+from alignjax.train import gen_eval
 from alignjax.train import slots as slots_lib
 from alignjax.train.metrics import MetricsWriter, peak_flops
 from alignjax.train.setup import Run
@@ -109,7 +110,23 @@ def train(config, workdir: str, spec=None, settings=None) -> dict:
     out = train_loop(config, workdir, run, spec, settings)
     if spec.finish is not None:
         spec.finish(config, workdir, out)
+    if jax.process_index() == 0:
+        write_plots(workdir)
     return out
+
+
+def write_plots(workdir: str) -> list[str]:
+    """WORKDIR/plots/*.png of the headline metrics; a plotting failure is reported, never fatal
+    (the run itself is saved)."""
+    from alignjax.eval.plots import plot_headline
+    try:
+        written = plot_headline(workdir)
+    except Exception as e:  # noqa: BLE001 - matplotlib / a font cache: the run is already saved
+        print(f"warning: could not write {workdir}/plots ({type(e).__name__}: {e})")
+        return []
+    if written:
+        print(f"plots: {len(written)} PNG(s) in {os.path.join(workdir, 'plots')}")
+    return written
 
 
 def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
@@ -131,15 +148,16 @@ def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
                                           run.mesh, run.rules, {s.name: modules[s.name] for s in moving})
     ckpt = Checkpointer(workdir, int(config.checkpoint.every), int(config.checkpoint.keep),
                         bool(config.checkpoint.async_save))
+    generation_eval = gen_eval.build(config, workdir, run, trainable[0].head)
     try:
         return _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules,
-                          abstract, shardings, ckpt)
+                          abstract, shardings, ckpt, generation_eval)
     finally:
         ckpt.close()
 
 
 def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules, abstract,
-               shardings, ckpt):
+               shardings, ckpt, generation_eval=None):
     t = config.train
     steps, accum, seed = int(t.steps), int(t.grad_accum_steps), int(t.seed)
     trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
@@ -169,12 +187,16 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
     # Every trainable model runs forward and backward; frozen ones forward only (about a third).
     flops_per_token *= len(trainable) + (len(fixed) + len(moving)) / 3
     log_every, eval_every = int(t.log_every), int(t.eval_every)
+    policy = trainable[0].name
     last, compiles, tokens_since, clock = {}, None, 0, time.perf_counter()
     waited, steps_since = 0.0, 0  # data_wait: seconds getting each step's batch (incl. rollouts)
     try:
         with shd.mesh_context(run.mesh, run.rules), StopOnSignal() as stop:
             if algo.eval_iterator and start == 0 and t.eval_on_start:
                 last = evaluate(eval_fn, state, frozen, algo, run, config)  # the starting model
+            if generation_eval is not None:  # the starting model's responses (read back on resume)
+                last.update(generation_eval.start(state["params"][policy], resuming=start > 0))
+            if last:
                 writer.write(0, last)
                 clock = time.perf_counter()
             for step in range(start + 1, steps + 1):
@@ -209,6 +231,9 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
                     row.update(evaluate(eval_fn, state, frozen, algo, run, config))
                     clock = time.perf_counter()  # eval time is not training throughput
+                if generation_eval is not None and generation_eval.due(step, steps):
+                    row.update(generation_eval(state["params"][policy], step))
+                    clock = time.perf_counter()
                 if row:
                     last.update(row)
                     writer.write(step, row)
