@@ -60,6 +60,7 @@ from alignjax.data.pipeline import (_ENTRY_OVERHEAD, ExampleCache, _check_args, 
                                     _read_options, example_cache, prefetch_batches, shard_records)
 from alignjax.data.preference_format import (InvalidRecord, PreferenceFormatter, PrefExample,
                                              fit_example)
+from alignjax.data.ratings import rated_source
 from alignjax.data.sources import DataError, open_sources, where
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,8 @@ def _setup(sources, tokenizer, cfg, kind: str, batch_size: int, seq_len: int,
     if policy not in TRUNCATIONS:  # fail here, not later in a prefetch thread
         raise DataError(f"truncation {policy!r} unknown; choose from {TRUNCATIONS}")
     min_response = int(_get(cfg, "min_response_tokens", 1))
-    source = open_sources(sources)
+    # data.from_ratings: pairs / ranked groups built from rated responses (alignjax.data.ratings)
+    source = rated_source(open_sources(sources), cfg, kind)
     stats = PrefStats()
     fmt_index = _FormatIndex(source, formatter, seq_len, policy, min_response,
                              bool(_get(cfg, "skip_invalid", False)), stats, example_cache(cfg))
