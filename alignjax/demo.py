@@ -3,8 +3,11 @@
     1. SFT of a small Llama from scratch on the toy instructions (progress bar, metrics.jsonl, tb/)
     2. checker accuracy of greedy answers on held-out prompts, before and after, with samples
     3. a reward model (Bradley-Terry) from the SFT model on the toy preference pairs
-    4. DPO from the SFT model on the same pairs: implicit-reward accuracy, checker accuracy
-    5. export to Hugging Face format and generation / scoring with transformers
+    4. DPO from the SFT model on the same pairs: implicit-reward accuracy, checker accuracy, and
+       generation-based eval during training (eval/win_rate_vs_start against the SFT answers)
+    5. win rates of DPO against SFT, judged by the checker, the reward model and a small LLM judge
+       trained here on toy judge prompts (both orders); training curves under each run's plots/
+    6. export to Hugging Face format and generation / scoring with transformers
 
 Every stage writes to WORKDIR so the results can be inspected (and TensorBoard pointed at it).
 Running it again reuses the stages that finished (their checkpoints and metrics.jsonl) and
@@ -81,7 +84,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     overrides = [f"train.steps={sft_steps}"] if sft_steps else []
     config = load_config("configs/sft.py:tiny", overrides)
 
-    _banner("1/5  SFT of a tiny Llama on the toy instruction suite (from scratch)")
+    _banner("1/6  SFT of a tiny Llama on the toy instruction suite (from scratch)")
     run_ = build_run(config, sft_dir)
     print(f"model: {run_.model_config.num_params():,} parameters, vocab {len(run_.tokenizer)}, "
           f"mesh {dict(run_.mesh.shape)} over {jax.device_count()} devices")
@@ -90,7 +93,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     print(f"checker accuracy before SFT (random weights): {before['accuracy']:.1%}")
     _, sft_params = _stage("SFT", config, sft_dir, reused, run_)
 
-    _banner("2/5  Held-out checker accuracy of greedy answers")
+    _banner("2/6  Held-out checker accuracy of greedy answers")
     after = toy_accuracy(run_.module, sft_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     print(f"before SFT: {before['accuracy']:.1%}   after SFT: {after['accuracy']:.1%}   "
           f"(by task: {', '.join(f'{k} {v:.0%}' for k, v in after['by_task'].items())})")
@@ -98,7 +101,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     results["sft"] = {"before": before["accuracy"], "after": after["accuracy"],
                       "params": run_.model_config.num_params(), "steps": int(config.train.steps)}
 
-    _banner("3/5  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
+    _banner("3/6  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
     rm_dir = os.path.join(workdir, "reward")
     from_sft = [f"model.init_from={sft_dir}", "tokenizer.path="]
     rm_cfg = load_config("configs/reward.py:tiny", from_sft)
@@ -108,9 +111,10 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     results["reward"] = {"accuracy": rm["eval/accuracy"], "steps": int(rm_cfg.train.steps),
                          "batch_size": int(rm_cfg.train.batch_size)}
 
-    _banner("4/5  DPO from the SFT model on the same pairs")
+    _banner("4/6  DPO from the SFT model on the same pairs")
     dpo_dir = os.path.join(workdir, "dpo")
-    dpo_cfg = load_config("configs/dpo.py:tiny", from_sft)
+    dpo_cfg = load_config("configs/dpo.py:tiny", from_sft + [
+        "train.eval_generate_every=50", "train.eval_reward=toy", "train.eval_generate_num=64"])
     print(f"loss: {dpo_cfg.dpo.loss_type}, beta {dpo_cfg.dpo.beta}, reference {dpo_cfg.dpo.reference}")
     dpo, dpo_params = _stage("DPO", dpo_cfg, dpo_dir, reused, run_)
     dpo_acc = toy_accuracy(run_.module, dpo_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
@@ -121,7 +125,10 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
                       "checker_accuracy": dpo_acc["accuracy"], "loss": dpo_cfg.dpo.loss_type,
                       "beta": float(dpo_cfg.dpo.beta), "steps": int(dpo_cfg.train.steps)}
 
-    _banner("5/5  Export to Hugging Face; generate and score with transformers")
+    _banner("5/6  Win rates of DPO against SFT: the checker, the reward model, a small LLM judge")
+    results["winrates"] = _winrates(workdir, sft_dir, dpo_dir, rm_dir, reused, eval_n)
+
+    _banner("6/6  Export to Hugging Face; generate and score with transformers")
     for name in ("hf_dpo", "hf_reward"):  # the demo's own exports: redone from the runs each time
         shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     results["hf_generation_matches"] = _export_and_generate(dpo_dir, os.path.join(workdir, "hf_dpo"),
@@ -135,6 +142,50 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     print("\n" + results_table(results))
     print(f"\nTensorBoard: tensorboard --logdir {workdir}")
     return results
+
+
+def _winrates(workdir: str, sft_dir: str, dpo_dir: str, rm_dir: str, reused: list,
+              eval_n: int) -> list[dict]:
+    """DPO vs SFT on the held-out toy prompts, judged three ways (`alignjax eval winrate`)."""
+    import json
+    from alignjax.config import load_config
+    from alignjax.eval import toy_judge
+    from alignjax.eval.run import eval_winrate
+    from alignjax.model.generate import SamplingParams
+
+    data = os.path.join(workdir, "judge_data", "train.jsonl")
+    if not os.path.isfile(data):
+        os.makedirs(os.path.dirname(data), exist_ok=True)
+        with open(data + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in toy_judge.sft_records(1500))
+        os.replace(data + ".tmp", data)
+    judge_dir = os.path.join(workdir, "judge")
+    judge_cfg = load_config("configs/sft.py:tiny", [
+        f"model.init_from={sft_dir}", "tokenizer.path=", f"data.train={data}", "data.eval=",
+        "data.seq_len=256", "train.steps=150", "train.batch_size=16", "train.eval_every=0",
+        "optimizer.lr=1e-3", "optimizer.warmup_steps=20"])
+    print("a small LLM judge: the SFT model fine-tuned to answer vanilla judge prompts about toy "
+          "pairs with the better output's letter (150 steps)")
+    _stage("LLM judge", judge_cfg, judge_dir, reused)
+    sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
+    rows = []
+    for judge, template in (("toy", "vanilla"), (f"reward:{rm_dir}", "vanilla"),
+                            (f"llm:{judge_dir}", "vanilla")):
+        name = judge.split(":")[0]
+        r = eval_winrate(dpo_dir, sft_dir, "toy", judge, os.path.join(workdir, "winrate", name),
+                         sampling, template=template, chat=True, num_prompts=eval_n)
+        j = r["judge"]
+        rows.append(dict(judge={"toy": "checker", "reward": "reward model",
+                                "llm": "LLM judge (both orders)"}[name],
+                         wins=r["wins"], ties=r["ties"], losses=r["losses"],
+                         adjusted=r["adjusted_win_rate"], ci=r["adjusted_win_rate_ci95"],
+                         lc=r["length_controlled_win_rate"], consistency=j.get("positional_consistency")))
+        print(f"  {rows[-1]['judge']:26} wins {r['wins']:3}  ties {r['ties']:3}  losses "
+              f"{r['losses']:3}  adjusted win rate {r['adjusted_win_rate']:.1%}"
+              + (f"  (the judge's two orders agree on {j['positional_consistency']:.0%} of pairs)"
+                 if j.get("positional_consistency") is not None else ""))
+    print(f"tables, JSON and PNGs: {workdir}/winrate/*/; training curves: {workdir}/*/plots/")
+    return rows
 
 
 def results_table(r: dict) -> str:
@@ -153,6 +204,11 @@ def results_table(r: dict) -> str:
          f"MISMATCH: generation {'same' if r['hf_generation_matches'] else 'differs'}, "
          f"reward {'same' if r['hf_reward_matches'] else 'differs'}"),
     ]
+    for w in r.get("winrates", []):
+        rows.insert(-1, (f"DPO vs SFT, judged by the {w['judge']}",
+                         f"wins / ties / losses {w['wins']} / {w['ties']} / {w['losses']}; "
+                         f"adjusted win rate {w['adjusted']:.1%} "
+                         f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}]"))
     return "\n".join(["| stage | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
 
 

@@ -49,3 +49,9 @@ def test_results_table():
     assert "implicit-reward accuracy 97.0%; checker accuracy 97.5% → 99.0%" in lines[4]
     assert lines[5] == "| export to HF | transformers' greedy answers and reward scores equal alignjax's |"
     assert "MISMATCH" in results_table(dict(r, hf_reward_matches=False))
+    # the win-rate rows go before the export row
+    w = dict(judge="checker", wins=3, ties=193, losses=4, adjusted=0.4975, ci=(0.485, 0.51))
+    lines = results_table(dict(r, winrates=[w])).splitlines()
+    assert lines[5] == ("| DPO vs SFT, judged by the checker | wins / ties / losses 3 / 193 / 4; "
+                        "adjusted win rate 49.8% [48.5%, 51.0%] |")
+    assert lines[6].startswith("| export to HF |")
