@@ -346,6 +346,17 @@ _CHECKS = {
     "train.eval_batches": _int(0), "train.nan_guard": _BOOL, "train.eval_on_start": _BOOL,
     "checkpoint.every": _int(1), "checkpoint.keep": _int(1), "checkpoint.async_save": _BOOL,
 }
+# Preference data built from rated responses (configs/dpo.py, configs/reward.py; the names are
+# alignjax.data.ratings.RULES): checked when the config has them.
+_RATINGS_CHECKS = {
+    "data.from_ratings": (
+        lambda v: v in ("", "best_vs_worst", "best_vs_random", "all_pairs", "ranked"),
+        "use '' (off), best_vs_worst, best_vs_random, all_pairs or ranked"),
+    "data.min_margin": _NON_NEGATIVE, "data.rating_seed": _int(0),
+    "data.rating_key": (lambda v: isinstance(v, str),
+                        "must be a string ('' = overall_score / score)"),
+    "data.rating_margin_scale": (_NON_NEGATIVE[0], "must be >= 0 (0 = pairs carry no margin)"),
+}
 # Checked only when the model is built from the config (model.init_from == "").
 _ARCH_CHECKS = {
     **{f"model.{k}": _int(1) for k in (
@@ -444,6 +455,8 @@ def validate_schema(config: ConfigDict, num_devices: int, algorithms: Sequence[s
     """Checks the keys every algorithm shares (`algorithm` must be one of `algorithms`) before
     anything compiles; one ConfigError lists every problem."""
     errs = _table_errors(config, {"algorithm": _one_of(*algorithms), **_CHECKS})
+    errs += _table_errors(config, {k: v for k, v in _RATINGS_CHECKS.items()
+                                   if _get(config, k) is not MISSING})
     mesh, mesh_errs = _mesh(config, num_devices)
     errs += mesh_errs
     if not _get(config, "model.init_from"):  # else the architecture comes from that directory

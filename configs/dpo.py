@@ -37,6 +37,14 @@ def get_config(preset: str | None = None):
     )
     c.data.packing = "pad"
     c.data.num_responses = 4  # ranked losses: responses per prompt (K)
+    # Pairs (ranked groups) built from rated responses (alignjax.data.ratings): "" = off |
+    # best_vs_worst | best_vs_random | all_pairs | ranked (kind ranked: RRHF/PRO).
+    c.data.from_ratings = ""
+    c.data.min_margin = 0.0  # pairs whose score difference is below it are ties, dropped
+    c.data.rating_key = ""  # "" = overall_score (UltraFeedback) / score; or e.g. fine-grained_score
+    c.data.rating_seed = 0  # best_vs_random's draw (per record, from its content)
+    # margin = scale * score difference; only the reward model reads it (0 = off)
+    c.data.rating_margin_scale = 0.0
     if preset in ("tiny", "small"):
         # RPO (DPO + the SFT term on the chosen answer) with a large beta. Measured on the toy
         # suite from the 97.5% SFT model (greedy checker accuracy, implicit-reward accuracy):

@@ -23,6 +23,14 @@ def get_config(preset: str | None = None):
     c.reward = dict(center_coef=0.0)  # c of c*(r_w + r_l)^2; 0.01 when rewards drift
     c.data.format = "auto"
     c.data.packing = "pad"  # one sequence per row: the reward is read at its last token
+    # Pairs (ranked groups) built from rated responses (alignjax.data.ratings): "" = off |
+    # best_vs_worst | best_vs_random | all_pairs | ranked (kind ranked: RRHF/PRO).
+    c.data.from_ratings = ""
+    c.data.min_margin = 0.0  # pairs whose score difference is below it are ties, dropped
+    c.data.rating_key = ""  # "" = overall_score (UltraFeedback) / score; or e.g. fine-grained_score
+    c.data.rating_seed = 0  # best_vs_random's draw (per record, from its content)
+    # reward model: margin = scale * score difference in -log sigmoid(r_w - r_l - margin) (0 = off)
+    c.data.rating_margin_scale = 0.0
     c.optimizer.update(lr=c.optimizer.lr / 2, warmup_steps=min(c.optimizer.warmup_steps, 20))
     if (preset or DEFAULT_PRESET) in ("tiny", "small"):
         # Held-out pair accuracy is update-limited: at the same compute 1000 steps of 32 pairs

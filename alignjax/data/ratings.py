@@ -71,10 +71,12 @@ class RatingStats:
 
 
 def _check_rule(rule: str, kind: str | None = None) -> None:
-    allowed = {"pair": PAIR_RULES, "ranked": ("ranked",)}.get(kind, RULES) if kind else RULES
+    if rule not in RULES:
+        raise DataError(f"data.from_ratings={rule!r} unknown; choose from {RULES}")
+    allowed = {"pair": PAIR_RULES, "ranked": ("ranked",)}.get(kind, ()) if kind else RULES
     if rule not in allowed:
-        what = f" for preference kind {kind!r}" if kind else ""
-        raise DataError(f"data.from_ratings={rule!r} unknown{what}; choose from {allowed}")
+        raise DataError(f"data.from_ratings={rule!r} does not fit preference kind {kind!r}; "
+                        f"choose from {allowed or 'none (no rated data for this kind)'}")
 
 
 def read_rated(record: Any, rating_key: str = "") -> Rated:
@@ -86,7 +88,8 @@ def read_rated(record: Any, rating_key: str = "") -> Rated:
         raise ValueError(f"record lacks 'prompt' (or UltraFeedback's 'instruction'); present: "
                          f"{sorted(record)}")
     if record.get("completions") is not None:
-        items, text_key, score_key = record["completions"], "response", rating_key or "overall_score"
+        items, text_key = record["completions"], "response"
+        score_key = rating_key or "overall_score"
     elif record.get("responses") is not None:
         items, text_key, score_key = record["responses"], "text", rating_key or "score"
     else:

@@ -146,12 +146,13 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
             return _TokenizeIndex(source, formatter, seq_len, tokenizer.pad_token_id, stats)
     else:
         from alignjax.data.preference import PrefStats, _setup
+        from alignjax.data.ratings import record_check
         stats = PrefStats()
 
         def make_check(source):
-            _, check, _, _ = _setup(source, tokenizer, data_cfg, kind, 1, seq_len, 0, 1)
+            built, check, _, _ = _setup(source, tokenizer, data_cfg, kind, 1, seq_len, 0, 1)
             check.skip_invalid, check.stats = False, stats  # report bad records, never skip here
-            return check
+            return record_check(built, check)  # data.from_ratings: check rated record r's pairs
     out = validate.validated_sources(specs, make_check, bool(data_cfg.skip_invalid),
                                      what, trusted)
     if len(trusted) < len(specs):
