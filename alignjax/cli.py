@@ -25,6 +25,7 @@ EPILOG = """examples:
   alignjax bench forward --preset small --batch 8 --seq-len 256
   alignjax bench train --algorithm dpo --preset medium --batch 1,8 --seq-len 64
   alignjax bench rollout --preset small --batch 8,32 --seq-len 64 --new-tokens 32
+  alignjax data check --train data/sft_train.jsonl --eval data/sft_eval.jsonl --out runs/check
 """
 
 
@@ -289,6 +290,58 @@ def cmd_plot(args):
     print(f"wrote {plot_metrics(args.workdirs, metrics, args.out)}")
 
 
+_DATA_TOY_KINDS = {"auto": "sft", "sft": "sft", "pair": "preference", "ranked": "ranked",
+                   "kto": "kto"}  # --kind -> the toy suite's record format (data.train=toy)
+
+
+def _config_data_kind(config) -> str:
+    """The record kind a config's trainer reads: sft, pair (reward), DPO's pair/ranked/kto."""
+    if config.algorithm == "dpo":
+        from alignjax.train.dpo import settings
+        return settings(config).kind
+    return {"sft": "sft", "reward": "pair"}.get(config.algorithm, "auto")
+
+
+def cmd_data_check(args):
+    import tempfile
+    from alignjax.data import check
+    from alignjax.errors import UserError, require_writable_dir
+    from alignjax.train.setup import data_sources, tokenizer_for
+    if args.out:
+        require_writable_dir(args.out, "--out")
+    if args.tokenizer and args.config:
+        raise UserError("give --tokenizer or --config, not both")
+    config = _config(args) if args.config else None
+    d = config.data if config is not None else None
+    train = args.train or (d.train if d is not None else "")
+    if not train:
+        raise UserError("--train: name the training data (a.jsonl,b.parquet,dir,hf://name or toy), "
+                        "or give --config")
+    evals = args.eval if args.eval is not None else (d.eval if d is not None else "")
+    seq_len = args.seq_len or (int(d.seq_len) if d is not None else None)
+    kind = args.kind if args.kind != "auto" or config is None else _config_data_kind(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tokenizer == "toy" or (config is not None):
+            from ml_collections import ConfigDict
+            tok_cfg = config or ConfigDict({"tokenizer": {"path": "toy", "vocab_size": 512},
+                                            "model": {"init_from": ""}})
+            tokenizer = tokenizer_for(tok_cfg, tmp)
+        elif args.tokenizer:
+            from alignjax.data.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(args.tokenizer)
+        else:
+            tokenizer = None
+        toy_dir = args.out or tmp  # data.train=toy: the toy records are written here
+        toy_kind = _DATA_TOY_KINDS[kind]
+        report = check.check_data(
+            data_sources(train, toy_dir, "train", toy_kind),
+            data_sources(evals, toy_dir, "eval", toy_kind) if evals else None,
+            tokenizer, d, seq_len, kind, args.threshold, args.ngram, args.examples)
+    print(check.render(report), end="")
+    if args.out:
+        print(f"wrote {check.write_report(report, args.out)}")
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -542,6 +595,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, help="comma-separated keys, e.g. loss,eval/accuracy")
     p.add_argument("--out", required=True, help="output PNG file")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("data", help="check training data before a run")
+    data_sub = p.add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    p = data_sub.add_parser(
+        "check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="duplicate prompts, train/eval overlap, token lengths under seq_len",
+        description="Report exact duplicate training prompts (same text after case/whitespace "
+                    "normalisation), near duplicates (Jaccard over word n-grams >= --threshold; "
+                    "MinHash LSH candidates, each verified with the exact Jaccard), training "
+                    "prompts that repeat evaluation prompts (exact and near), and with a tokenizer "
+                    "the prompt/response token lengths and how many records --seq-len truncates or "
+                    "drops (the trainers' own formatting). Locations are file:line.",
+        epilog="examples:\n"
+               "  alignjax data check --train data/sft_train.jsonl --eval data/sft_eval.jsonl\n"
+               "  alignjax data check --train a.jsonl,b.jsonl --eval eval.jsonl "
+               "--tokenizer ./ckpt/llama32-1b --seq-len 2048 --out runs/check\n"
+               "  alignjax data check --config configs/sft.py:tiny   # data, tokenizer, seq_len "
+               "of the config")
+    p.add_argument("--train", default="", metavar="SPEC[,SPEC...]",
+                   help="training data: .jsonl, .parquet, save_to_disk dir, hf://name[:split], a glob "
+                        "or toy (default: the config's data.train)")
+    p.add_argument("--eval", default=None, metavar="SPEC[,SPEC...]",
+                   help="evaluation data, same syntax (default: the config's data.eval; '' = none)")
+    p.add_argument("--tokenizer", default="", metavar="DIR",
+                   help="tokenizer directory (HF or alignjax model dir) or toy, for token lengths")
+    p.add_argument("--config", default="", metavar="FILE[:PRESET]",
+                   help="a training config: its data.train/eval, tokenizer, seq_len, format and "
+                        "truncation (flags given here win)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="count the records this length truncates or drops (default: the config's)")
+    p.add_argument("--kind", default="auto", choices=["auto", "sft", "pair", "ranked", "kto"],
+                   help="record kind for the token lengths (default: from the first record)")
+    p.add_argument("--threshold", type=float, default=0.8,
+                   help="near-duplicate Jaccard threshold (default 0.8)")
+    p.add_argument("--ngram", type=int, default=3, help="words per shingle (default 3)")
+    p.add_argument("--examples", type=int, default=10,
+                   help="examples listed per finding (default 10)")
+    p.add_argument("--out", default="", metavar="DIR", help="also write DIR/check.json")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 
