@@ -333,6 +333,7 @@ _CHECKS = {
     "data.seq_len": _int(1), "data.shuffle_seed": _int(0), "data.skip_invalid": _BOOL,
     "data.prefetch_batches": _int(0), "data.cache_mb": _int(0), "data.read_threads": _int(1),
     "data.prefetch": _int(0), "data.worker_count": _int(0), "data.pack_bins": _int(0),
+    "data.check_overlap": _BOOL,
     "tokenizer.vocab_size": _int(1),
     "optimizer.lr": (_POSITIVE[0], "must be > 0 (e.g. 2e-5 for SFT of a pretrained model)"),
     "optimizer.b1": _BETA, "optimizer.b2": _BETA, "optimizer.eps": _POSITIVE,

@@ -61,6 +61,9 @@ def base_config() -> ConfigDict:
     # Every record is checked before the first step; bad ones stop the run with a list of them,
     # or with skip_invalid=True are left out and counted.
     d.skip_invalid = False
+    # Duplicate training prompts and train/eval prompt overlap (exact and near) checked at
+    # start-up and logged as a warning; training goes on (`alignjax data check`: full report).
+    d.check_overlap = False
 
     # Device mesh; one axis may be -1 (= the remaining devices). Batches split over data*fsdp.
     # Multislice: dcn_* = how many slices (joined by the data-center network) an axis spans; the

@@ -211,11 +211,13 @@ def metrics(sums) -> dict:
 
 def _iterators(config, workdir, run, kind):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
+    from alignjax.data.check import warn_overlap
     from alignjax.train.setup import checked_sources, eval_batch_size
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
     train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, kind)
     eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d, kind) if d.eval else None
+    warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
     def eval_iter(sources=eval_sources):
         return make_preference_eval_iterator(sources, run.tokenizer, d, kind=kind,

@@ -59,17 +59,19 @@ def abstract_batch(config, settings) -> dict:
 def build(config, workdir: str, run, settings, modules, loader):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.train.loop import Algorithm
+    from alignjax.data.check import warn_overlap
     from alignjax.train.setup import checked_sources, eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
+    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, "pair")
     train_iter = make_preference_iterator(
-        checked_sources(d.train, workdir, "train", run.tokenizer, d, "pair"), run.tokenizer, d,
-        kind="pair",
+        train_sources, run.tokenizer, d, kind="pair",
         seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len),
         process_index=pi, process_count=pc)
     eval_sources = (checked_sources(d.eval, workdir, "eval", run.tokenizer, d, "pair")
                     if d.eval else None)
+    warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
     def eval_iter():
         return make_preference_eval_iterator(

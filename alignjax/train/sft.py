@@ -56,15 +56,17 @@ def build(config, workdir: str, run, settings, modules, loader):
     """The SFT `Algorithm` for the shared loop: data iterators over the configured sources."""
     from alignjax.data.pipeline import make_sft_eval_iterator, make_sft_iterator
     from alignjax.train.loop import Algorithm
+    from alignjax.data.check import warn_overlap
     from alignjax.train.setup import checked_sources, eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    train_iter = make_sft_iterator(checked_sources(d.train, workdir, "train", run.tokenizer, d),
-                                   run.tokenizer, d,
+    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d)
+    train_iter = make_sft_iterator(train_sources, run.tokenizer, d,
                                    seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc,
                                    seq_len=int(d.seq_len), process_index=pi, process_count=pc)
     eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d) if d.eval else None
+    warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
     def eval_iter():
         return make_sft_eval_iterator(eval_sources, run.tokenizer, d,
