@@ -256,3 +256,31 @@ def test_config_key_defaults_off():
     from alignjax.config import load_config
     for spec in ("configs/sft.py:tiny", "configs/dpo.py:tiny", "configs/reward.py:tiny"):
         assert load_config(spec).data.check_overlap is False
+
+
+def test_lsh_recall_against_brute_force():
+    """On toy prompts (many pairs exactly at 0.8: "sort the numbers: 6 5 9" ~ "... 6 5 9 3") LSH
+    finds every pair that the exact all-pairs Jaccard finds."""
+    from alignjax.data import toy
+    prompts = [e.prompt for e in toy.make_examples(2500, seed=3)]
+    sets = [check.shingles(p) for p in prompts]
+    truth = {(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets))
+             if len(sets[i] & sets[j]) >= 0.8 * len(sets[i] | sets[j])}
+    got = {(i, j) for i, j, _ in check.find_duplicates(prompts)["near"]}
+    assert len(truth) >= 5 and got == truth
+    bands, rows = check.lsh_params(0.8)
+    assert bands * rows <= check.NUM_PERM and 1 - (1 - 0.8**rows) ** bands >= 0.999
+
+
+def test_lsh_recall_exactly_at_the_threshold():
+    """400 pairs at Jaccard exactly 0.8 (6 random words and the same plus one: 4 of 5 shingles):
+    LSH must make nearly all of them candidates (>= 0.999 each by its parameters)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    prompts = []
+    for _ in range(400):
+        w = [f"w{x}" for x in rng.choice(10**6, 7, replace=False)]
+        prompts += [" ".join(w[:6]), " ".join(w)]
+    near = check.find_duplicates(prompts)["near"]
+    assert all(j == i + 1 and i % 2 == 0 and jac == pytest.approx(0.8) for i, j, jac in near)
+    assert len(near) >= 396  # expected misses 0.4; a threshold-tuned LSH (p = 0.95) misses ~20

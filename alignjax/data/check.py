@@ -6,9 +6,9 @@
   space);
 - near duplicates: the Jaccard similarity of two prompts' word n-gram sets (``shingles``: word
   n-grams of ``words``, n = 3 by default) is >= ``threshold`` (0.8). Candidates come from MinHash
-  LSH (``datasketch``; its LSH threshold is set below ours so that few true pairs are missed), and
-  every candidate is verified with the exact Jaccard of its shingle sets, so no reported pair is a
-  hashing artefact. LSH can, rarely, miss a true pair just above the threshold;
+  LSH (``datasketch``, 128 permutations, bands chosen so that a pair at the threshold is a
+  candidate with probability >= 0.999, higher above it), and every candidate is verified with the
+  exact Jaccard of its shingle sets, so no reported pair is a hashing artefact;
 - training prompts that equal (exact) or nearly equal (near) an evaluation prompt;
 - token lengths of prompts and responses under the tokenizer, and how many records ``seq_len``
   truncates or drops, computed with the trainers' own formatters and truncation (SFT:
@@ -130,10 +130,25 @@ def _minhashes(texts: Sequence[str], n: int, num_perm: int) -> Iterable:
     return MinHash.generator(sets, num_perm=num_perm, seed=1)
 
 
+LSH_RECALL = 0.999  # chance that a pair exactly at the threshold becomes a candidate
+
+
+def lsh_params(threshold: float, num_perm: int = NUM_PERM, recall: float = LSH_RECALL
+               ) -> tuple[int, int]:
+    """(bands, rows per band) for MinHash LSH: the most rows per band (fewest candidates below the
+    threshold) with which a pair at the threshold is a candidate with probability >= recall (a
+    pair of Jaccard J is one with probability 1 - (1 - J^rows)^bands)."""
+    for rows in range(num_perm, 0, -1):
+        bands = num_perm // rows
+        if 1.0 - (1.0 - threshold**rows) ** bands >= recall:
+            return bands, rows
+    return num_perm, 1
+
+
 def _lsh(threshold: float, num_perm: int):
     from datasketch import MinHashLSH
-    # Below our threshold: LSH then misses few true pairs; the exact check removes the extras.
-    return MinHashLSH(threshold=max(0.05, threshold - 0.15), num_perm=num_perm)
+    # Tuned for recall; the exact Jaccard check then removes the candidates below the threshold.
+    return MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm))
 
 
 class _Verifier:
