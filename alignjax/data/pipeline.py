@@ -42,6 +42,7 @@ import numpy as np
 
 from alignjax.data import packing
 from alignjax.data.formatting import PACKINGS, FormatConfig, SFTFormatter, num_targets, truncate
+from alignjax.data.mixture import Mixture, count_draws, formatter_at, formatter_for, is_weighted
 from alignjax.data.sources import DataError, open_sources, where
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,9 @@ class _TokenizeIndex:
             raise
         except Exception as e:  # e.g. a storage error: say which record
             raise DataError(f"{location}: cannot read record ({e})") from e
-        ex = self.formatter(record, location)
-        ex, status = truncate(ex, self.seq_len, self.formatter.cfg.truncation)
+        formatter = formatter_at(self.formatter, index)  # a mixture's source may have its own
+        ex = formatter(record, location)
+        ex, status = truncate(ex, self.seq_len, formatter.cfg.truncation)
         if ex is not None and num_targets(ex) == 0:
             ex, status = None, "no_loss"
         n_tokens, n_loss = (0, 0) if ex is None else (len(ex), num_targets(ex))
@@ -211,6 +213,41 @@ def shard_records(source, *, seed: int, process_index: int, process_count: int, 
     return records.repeat(num_epochs)[process_index::process_count]
 
 
+def train_records(source, *, seed: int, process_index: int, process_count: int, shuffle: bool,
+                  num_epochs: int | None, stats) -> grain.MapDataset:
+    """This process's record indices: a weighted mixture's draws (alignjax.data.mixture), else
+    `shard_records`; a mixture's draws are counted per source in ``stats.drawn``."""
+    kwargs = dict(seed=seed, process_index=process_index, process_count=process_count,
+                  shuffle=shuffle, num_epochs=num_epochs)
+    records = (source.mixed_records(**kwargs) if is_weighted(source)
+               else shard_records(source, **kwargs))
+    return count_draws(records, source, stats, process_count)
+
+
+def sft_formatter(source, tokenizer, cfg):
+    """The SFT formatter, or one per source of a mixture whose sources set their own keys."""
+    return formatter_for(source, cfg, lambda c: SFTFormatter(tokenizer, FormatConfig.from_config(c)))
+
+
+def sft_epoch_size(sources, tokenizer, cfg, seq_len: int, sample: int = 256) -> tuple[int, int, bool]:
+    """(records, rows, estimated) of one epoch of SFT data. Padded: a row per record. Packed:
+    records x the mean tokens of up to `sample` seeded records / seq_len, an estimate."""
+    source = open_sources(sources)
+    n = source.epoch_records() if isinstance(source, Mixture) else len(source)
+    if _get(cfg, "packing", "pack") != "pack":
+        return n, n, False
+    pad_id = int(tokenizer.pad_token_id)
+    tokenize = _TokenizeIndex(source, sft_formatter(source, tokenizer, cfg), seq_len, pad_id,
+                              SFTStats())
+    picks = np.random.default_rng(0).permutation(len(source))[:sample]
+    was, log.disabled = log.disabled, True  # the sample's warnings belong to the real pass
+    try:
+        mean = float(np.mean([tokenize._tokenize(int(i))[2] for i in picks]))
+    finally:
+        log.disabled = was
+    return n, max(1, int(np.ceil(n * mean / seq_len))), True
+
+
 def prefetch_batches(batches: grain.IterDataset, cfg) -> grain.IterDataset:
     """Batches assembled ahead by a background thread (grain's ThreadPrefetchIterDataset), so the
     host's data work overlaps the device step; checkpointable like its parent."""
@@ -239,11 +276,12 @@ def make_sft_dataset(
     if num_epochs is not None and num_epochs <= 0:
         raise DataError(f"num_epochs must be positive or None (forever), got {num_epochs}")
     source = open_sources(sources)
-    formatter = SFTFormatter(tokenizer, FormatConfig.from_config(cfg))
+    formatter = sft_formatter(source, tokenizer, cfg)
     stats = SFTStats()
 
-    records = shard_records(source, seed=seed, process_index=process_index,
-                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
+    records = train_records(source, seed=seed, process_index=process_index,
+                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs,
+                            stats=stats)
     examples = (records.map(_TokenizeIndex(source, formatter, seq_len, pad_id, stats,
                                            cache=example_cache(cfg)))
                 .filter(_is_kept)
@@ -283,6 +321,8 @@ def make_sft_iterator(
         num_epochs=num_epochs)
     iterator = iter(dataset)
     iterator.sft_stats = stats
+    # (records, rows, estimated) of one epoch, for train.epochs (alignjax.train.budget)
+    iterator.epoch_size = functools.partial(sft_epoch_size, sources, tokenizer, cfg, seq_len)
     return iterator
 
 
@@ -307,8 +347,10 @@ class _EvalRow:
 def make_sft_eval_iterator(
     sources: str | Any | Sequence[str | Any], tokenizer, cfg: Mapping[str, Any] | None = None, *,
     batch_size: int, seq_len: int, process_index: int = 0, process_count: int = 1,
+    records: range | None = None,
 ) -> grain.DatasetIterator:
-    """One ordered pass, one example per row, plus ``valid`` [B] bool.
+    """One ordered pass, one example per row, plus ``valid`` [B] bool. ``records``: only these
+    (e.g. one source of a mixture, alignjax.data.mixture.eval_record_ranges); default all.
 
     Rows that hold no example (the last partial batch, shard remainders, dropped examples) are
     empty with ``valid=False`` and zero loss_mask. Every process yields the same number of
@@ -317,13 +359,13 @@ def make_sft_eval_iterator(
     """
     pad_id = _check_args(tokenizer, batch_size, seq_len, process_index, process_count)
     source = open_sources(sources)
-    formatter = SFTFormatter(tokenizer, FormatConfig.from_config(cfg))
     stats = SFTStats()
-    tokenize = _TokenizeIndex(source, formatter, seq_len, pad_id, stats)
-    n = len(source)
-    slots = -(-n // process_count)
-    rows = (grain.MapDataset.range(slots)
-            .map(_EvalRow(tokenize, process_index, process_count, n, seq_len, pad_id))
+    tokenize = _TokenizeIndex(source, sft_formatter(source, tokenizer, cfg), seq_len, pad_id, stats)
+    records = range(len(source)) if records is None else records
+    slots = -(-len(records) // process_count)
+    rows = (grain.MapDataset.range(slots)  # slot j: record start + process_index + j * count
+            .map(_EvalRow(tokenize, records.start + process_index, process_count, records.stop,
+                          seq_len, pad_id))
             .to_iter_dataset(_read_options(cfg)))
     batches = rows.batch(batch_size, batch_fn=functools.partial(
         packing.stack_rows, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id))

@@ -56,8 +56,9 @@ import numpy as np
 
 from alignjax.data import packing
 from alignjax.data.formatting import TRUNCATIONS, Tokenized
+from alignjax.data.mixture import Mixture, formatter_at, formatter_for
 from alignjax.data.pipeline import (_ENTRY_OVERHEAD, ExampleCache, _check_args, _get, _is_kept,
-                                    _read_options, example_cache, prefetch_batches, shard_records)
+                                    _read_options, example_cache, prefetch_batches, train_records)
 from alignjax.data.preference_format import (InvalidRecord, PreferenceFormatter, PrefExample,
                                              fit_example)
 from alignjax.data.ratings import rated_source
@@ -141,7 +142,8 @@ class _FormatIndex:
     def _format(self, index: int, location: str) -> tuple[PrefExample | None, list]:
         """(fitted example or None, [(stats field, detail), ...] to count)."""
         try:
-            ex = self.formatter(self._read(index, location), location)
+            formatter = formatter_at(self.formatter, index)  # a mixture's source may have its own
+            ex = formatter(self._read(index, location), location)
         except InvalidRecord as e:
             if not self.skip_invalid:
                 raise
@@ -263,7 +265,13 @@ def _setup(sources, tokenizer, cfg, kind: str, batch_size: int, seq_len: int,
         raise DataError(f"truncation {policy!r} unknown; choose from {TRUNCATIONS}")
     min_response = int(_get(cfg, "min_response_tokens", 1))
     # data.from_ratings: pairs / ranked groups built from rated responses (alignjax.data.ratings)
-    source = rated_source(open_sources(sources), cfg, kind)
+    source = open_sources(sources)
+    if isinstance(source, Mixture):  # rated per source (draws index its records), own formats
+        mixture = source
+        source = mixture.map_sources(lambda s, k: rated_source(s, mixture.cfg_for(cfg, k), kind))
+        formatter = formatter_for(source, cfg, lambda c: PreferenceFormatter(tokenizer, c, kind))
+    else:
+        source = rated_source(source, cfg, kind)
     stats = PrefStats()
     fmt_index = _FormatIndex(source, formatter, seq_len, policy, min_response,
                              bool(_get(cfg, "skip_invalid", False)), stats, example_cache(cfg))
@@ -287,12 +295,16 @@ def make_preference_iterator(
                                                process_index, process_count)
     if num_epochs is not None and num_epochs <= 0:
         raise DataError(f"num_epochs must be positive or None (forever), got {num_epochs}")
-    records = shard_records(source, seed=seed, process_index=process_index,
-                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs)
+    records = train_records(source, seed=seed, process_index=process_index,
+                            process_count=process_count, shuffle=shuffle, num_epochs=num_epochs,
+                            stats=stats)
     examples = (records.map(fmt_index).filter(_is_kept)
                 .to_iter_dataset(_read_options(cfg)))
     iterator = iter(prefetch_batches(examples.batch(batch_size, batch_fn=collate), cfg))
     iterator.pref_stats = stats
+    # (records, rows, estimated) of one epoch, for train.epochs (alignjax.train.budget)
+    n = source.epoch_records() if isinstance(source, Mixture) else len(source)
+    iterator.epoch_size = lambda: (n, n, False)
     return iterator
 
 
@@ -311,8 +323,10 @@ class _EvalIndex:
 def make_preference_eval_iterator(
     sources: str | Any | Sequence[str | Any], tokenizer, cfg: Mapping[str, Any] | None = None, *,
     kind: str, batch_size: int, seq_len: int, process_index: int = 0, process_count: int = 1,
+    records: range | None = None,
 ) -> grain.DatasetIterator:
-    """One ordered pass over this process's records ``[i::process_count]``.
+    """One ordered pass over this process's records ``[i::process_count]`` (of ``records``, e.g.
+    one source of a mixture; default all). Example indices stay global.
 
     Rows without an example (the last partial batch, shard remainders, skipped records) have
     ``example_valid=False`` and zero masks; every process yields ceil(ceil(N / count) / B)
@@ -320,9 +334,10 @@ def make_preference_eval_iterator(
     """
     source, fmt_index, collate, stats = _setup(sources, tokenizer, cfg, kind, batch_size, seq_len,
                                                process_index, process_count)
-    n = len(source)
-    slots = grain.MapDataset.range(-(-n // process_count))
-    examples = (slots.map(_EvalIndex(fmt_index, process_index, process_count, n))
+    records = range(len(source)) if records is None else records
+    slots = grain.MapDataset.range(-(-len(records) // process_count))
+    examples = (slots.map(_EvalIndex(fmt_index, records.start + process_index, process_count,
+                                     records.stop))
                 .to_iter_dataset(_read_options(cfg)))
     iterator = iter(examples.batch(batch_size, batch_fn=collate))
     iterator.pref_stats = stats
