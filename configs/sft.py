@@ -45,6 +45,8 @@ def base_config() -> ConfigDict:
 
     c.data = d = ConfigDict()
     d.train = ""  # comma-separated: a.jsonl, b.parquet, a load_from_disk dir, hf://name, or toy
+    # A weighted mixture: "a.jsonl:0.7,b.jsonl:0.3"; per-source settings: a list written as a
+    # string, '[{"path": "a.jsonl", "weight": 0.7, "format": "messages"}, ...]' (data/mixture.py)
     d.eval = ""  # same syntax ("toy" = the held-out toy split); "" = no evaluation data
     d.format = "auto"  # auto | text | prompt_completion | messages
     d.packing = "pack"  # pack | pad
@@ -86,6 +88,7 @@ def base_config() -> ConfigDict:
 
     c.train = t = ConfigDict()
     t.steps = 1000
+    t.epochs = 0.0  # > 0: the step budget is this many passes over data.train (replaces steps)
     t.batch_size = 64  # global sequences per optimizer step (all devices, all micro-batches)
     t.grad_accum_steps = 1  # micro-batches per step; each holds batch_size // grad_accum_steps
     t.seed = 0

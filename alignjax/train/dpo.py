@@ -212,22 +212,24 @@ def metrics(sums) -> dict:
 def _iterators(config, workdir, run, kind):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.data.check import warn_overlap
-    from alignjax.train.setup import checked_sources, eval_batch_size
+    from alignjax.train.data_split import eval_iterators, open_split
+    from alignjax.train.setup import eval_batch_size
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, kind)
-    eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d, kind) if d.eval else None
+    train_sources = open_split(config, workdir, run.tokenizer, "train", kind)  # list or Mixture
+    eval_sources = open_split(config, workdir, run.tokenizer, "eval", kind)
     warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
-    def eval_iter(sources=eval_sources):
-        return make_preference_eval_iterator(sources, run.tokenizer, d, kind=kind,
+    def eval_iter(records=None):  # records: one eval source's, when there are several
+        return make_preference_eval_iterator(eval_sources, run.tokenizer, d, kind=kind,
                                              batch_size=eval_batch_size(config),
-                                             seq_len=int(d.seq_len), process_index=pi, process_count=pc)
+                                             seq_len=int(d.seq_len), process_index=pi,
+                                             process_count=pc, records=records)
 
     train_iter = make_preference_iterator(
         train_sources, run.tokenizer, d, kind=kind, seed=int(d.shuffle_seed),
         batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len), process_index=pi, process_count=pc)
-    return train_iter, (eval_iter if eval_sources else None), train_sources, eval_sources
+    return train_iter, eval_iterators(eval_sources, eval_iter), train_sources, eval_sources
 
 
 class WithReference:
@@ -303,6 +305,7 @@ def reference_table_path(workdir: str, split: str) -> str:
 
 
 def build(config, workdir: str, run, s: DPOSettings, modules, loader):
+    from alignjax.train.data_split import map_eval
     from alignjax.train.loop import Algorithm
     from alignjax.train.slots import slot_module
     train_iter, eval_iter, train_sources, eval_sources = _iterators(config, workdir, run, s.kind)
@@ -323,9 +326,7 @@ def build(config, workdir: str, run, s: DPOSettings, modules, loader):
             jax.tree_util.tree_map(lambda x: x.delete(), tree)
         held.clear()
         train_iter = WithReference(train_iter, train_table)
-        if eval_iter is not None:
-            make_eval = eval_iter
-            eval_iter = lambda: WithReference(make_eval(), eval_table)  # noqa: E731
+        eval_iter = map_eval(eval_iter, lambda it: WithReference(it, eval_table))
     sums_fn, metrics_fn = sums(config, s, modules)
     return Algorithm("dpo", sums_fn, metrics_fn, train_iter, eval_iterator=eval_iter)
 

@@ -23,7 +23,7 @@ from alignjax import sharding as shd
 from alignjax.checkpoint import Checkpointer, has_checkpoint
 from alignjax.errors import UserError
 from alignjax.model.store import MODEL_FILE
-from alignjax.train import gen_eval
+from alignjax.train import budget, gen_eval
 from alignjax.train import slots as slots_lib
 from alignjax.train.metrics import MetricsWriter, peak_flops
 from alignjax.train.setup import Run
@@ -131,7 +131,6 @@ def write_plots(workdir: str) -> list[str]:
 
 def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
     """Runs (or resumes) `config.train.steps` loop steps. Returns the last logged metrics."""
-    steps = int(config.train.steps)
     slots = spec.slots(config, settings)
     trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
                                 slots_lib.fixed(slots))
@@ -142,6 +141,7 @@ def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
     resuming = has_checkpoint(workdir)
     loader = slots_lib.SlotLoader(config, run, fixed + ([] if resuming else trainable + moving))
     algo = spec.build(config, workdir, run, settings, modules, loader)
+    steps = budget.train_steps(config, algo)  # train.steps, or train.epochs over data.train
     updates = algo.epochs * algo.num_minibatches
     optimizer, schedules = slots_lib.slot_optimizer(config, trainable, steps * updates)
     abstract, shardings = state_shardings({s.name: modules[s.name] for s in trainable}, optimizer,
@@ -151,15 +151,16 @@ def train_loop(config, workdir: str, run: Run, spec, settings) -> dict:
     generation_eval = gen_eval.build(config, workdir, run, trainable[0].head)
     try:
         return _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules,
-                          abstract, shardings, ckpt, generation_eval)
+                          abstract, shardings, ckpt, generation_eval, steps)
     finally:
         ckpt.close()
 
 
 def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, schedules, abstract,
-               shardings, ckpt, generation_eval=None):
+               shardings, ckpt, generation_eval=None, steps=None):
     t = config.train
-    steps, accum, seed = int(t.steps), int(t.grad_accum_steps), int(t.seed)
+    steps = int(t.steps) if steps is None else steps
+    accum, seed = int(t.grad_accum_steps), int(t.seed)
     trainable, moving, fixed = (slots_lib.trainable(slots), slots_lib.followers(slots),
                                 slots_lib.fixed(slots))
     latest, restored = ckpt.restore_newest(
@@ -226,7 +227,7 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                     elapsed, clock = time.perf_counter() - clock, time.perf_counter()
                     tps, tokens_since = tokens_since / elapsed, 0
                     row.update(tokens_per_s=tps, mfu=tps * flops_per_token / peak,
-                               data_wait=waited / steps_since)
+                               data_wait=waited / steps_since, **data_metrics(algo.train_iterator))
                     waited, steps_since = 0.0, 0
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
                     row.update(evaluate(eval_fn, state, frozen, algo, run, config))
@@ -287,18 +288,42 @@ def _restore(ckpt: Checkpointer, step: int, abstract, algo: Algorithm, slot: str
 
 
 def evaluate(eval_fn, state, frozen: dict, algo: Algorithm, run: Run, config) -> dict:
-    """One pass over the eval split (at most `train.eval_batches` batches) -> eval/... metrics."""
+    """One pass over the eval split (at most `train.eval_batches` batches) -> eval/... metrics.
+    Several eval sources (a dict of iterators, alignjax.train.data_split): each is evaluated on
+    its own (`eval/<source>/...`, at most eval_batches each) and eval/... pools their sums."""
     limit = int(config.train.eval_batches)
     frozen = {**frozen, **state["frozen"]}
-    total = None
-    for i, local in enumerate(algo.eval_iterator()):
-        if limit and i >= limit:
-            break
-        sums = jax.device_get(eval_fn(state["params"], to_global(local, run.mesh, run.rules), frozen))
-        total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
-    if total is None:
+    makers = algo.eval_iterator if isinstance(algo.eval_iterator, dict) else {"": algo.eval_iterator}
+    out, pooled = {}, None
+    for name, make in makers.items():
+        total = None
+        for i, local in enumerate(make()):
+            if limit and i >= limit:
+                break
+            sums = jax.device_get(eval_fn(state["params"], to_global(local, run.mesh, run.rules),
+                                          frozen))
+            total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+        if total is None:
+            continue
+        pooled = total if pooled is None else jax.tree_util.tree_map(np.add, pooled, total)
+        if name:
+            out.update({f"eval/{name}/{k}": float(v) for k, v in algo.metrics_fn(total).items()})
+    if pooled is None:
         return {}
-    return {f"eval/{k}": float(v) for k, v in algo.metrics_fn(total).items()}
+    return {**{f"eval/{k}": float(v) for k, v in algo.metrics_fn(pooled).items()}, **out}
+
+
+def data_metrics(iterator) -> dict:
+    """data/drawn/<source>: records drawn from each source of a mixture so far, read from the
+    iterator's position (alignjax.data.mixture.DrawCounts)."""
+    while iterator is not None and not hasattr(iterator, "sft_stats") and not hasattr(
+            iterator, "pref_stats"):
+        iterator = getattr(iterator, "iterator", None)  # e.g. dpo.WithReference
+    stats = getattr(iterator, "sft_stats", None) or getattr(iterator, "pref_stats", None)
+    drawn = getattr(stats, "drawn", None)
+    if drawn is None:
+        return {}
+    return {f"data/drawn/{k}": float(v) for k, v in drawn.as_dict(iterator.get_state()).items()}
 
 
 def _check_finite(metrics: dict, step: int, config, ckpt: Checkpointer):

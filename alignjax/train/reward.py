@@ -60,27 +60,27 @@ def build(config, workdir: str, run, settings, modules, loader):
     from alignjax.data.preference import make_preference_eval_iterator, make_preference_iterator
     from alignjax.train.loop import Algorithm
     from alignjax.data.check import warn_overlap
-    from alignjax.train.setup import checked_sources, eval_batch_size
+    from alignjax.train.data_split import eval_iterators, open_split
+    from alignjax.train.setup import eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d, "pair")
+    train_sources = open_split(config, workdir, run.tokenizer, "train", "pair")
     train_iter = make_preference_iterator(
         train_sources, run.tokenizer, d, kind="pair",
         seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc, seq_len=int(d.seq_len),
         process_index=pi, process_count=pc)
-    eval_sources = (checked_sources(d.eval, workdir, "eval", run.tokenizer, d, "pair")
-                    if d.eval else None)
+    eval_sources = open_split(config, workdir, run.tokenizer, "eval", "pair")
     warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
-    def eval_iter():
+    def eval_iter(records=None):  # records: one eval source's, when there are several
         return make_preference_eval_iterator(
             eval_sources, run.tokenizer, d, kind="pair", batch_size=eval_batch_size(config),
-            seq_len=int(d.seq_len), process_index=pi, process_count=pc)
+            seq_len=int(d.seq_len), process_index=pi, process_count=pc, records=records)
 
     sums_fn, metrics_fn = sums(config, settings, modules)
     return Algorithm("reward", sums_fn, metrics_fn, train_iter,
-                     eval_iterator=eval_iter if eval_sources else None)
+                     eval_iterator=eval_iterators(eval_sources, eval_iter))
 
 
 def finish(config, workdir: str, out: dict):

@@ -57,25 +57,27 @@ def build(config, workdir: str, run, settings, modules, loader):
     from alignjax.data.pipeline import make_sft_eval_iterator, make_sft_iterator
     from alignjax.train.loop import Algorithm
     from alignjax.data.check import warn_overlap
-    from alignjax.train.setup import checked_sources, eval_batch_size
+    from alignjax.train.data_split import eval_iterators, open_split
+    from alignjax.train.setup import eval_batch_size
 
     d, t = config.data, config.train
     pc, pi = jax.process_count(), jax.process_index()
-    train_sources = checked_sources(d.train, workdir, "train", run.tokenizer, d)
+    train_sources = open_split(config, workdir, run.tokenizer, "train")  # a list or a Mixture
     train_iter = make_sft_iterator(train_sources, run.tokenizer, d,
                                    seed=int(d.shuffle_seed), batch_size=int(t.batch_size) // pc,
                                    seq_len=int(d.seq_len), process_index=pi, process_count=pc)
-    eval_sources = checked_sources(d.eval, workdir, "eval", run.tokenizer, d) if d.eval else None
+    eval_sources = open_split(config, workdir, run.tokenizer, "eval")
     warn_overlap(d, train_sources, eval_sources)  # data.check_overlap
 
-    def eval_iter():
+    def eval_iter(records=None):  # records: one eval source's, when there are several
         return make_sft_eval_iterator(eval_sources, run.tokenizer, d,
                                       batch_size=eval_batch_size(config),
-                                      seq_len=int(d.seq_len), process_index=pi, process_count=pc)
+                                      seq_len=int(d.seq_len), process_index=pi, process_count=pc,
+                                      records=records)
 
     sums_fn, metrics_fn = sums(config, settings, modules)
     return Algorithm("sft", sums_fn, metrics_fn, train_iter,
-                     eval_iterator=eval_iter if eval_sources else None)
+                     eval_iterator=eval_iterators(eval_sources, eval_iter))
 
 
 SPEC = AlgorithmSpec("sft", no_settings, slots, sums, abstract_batch, build)
