@@ -228,3 +228,25 @@ def test_toy_judge_training_records_hold_out_the_evaluation_prompts():
         assert r["messages"][0]["role"] == "user" and user.startswith(t.prompt.split("{instruction}")[0])
         instruction = user.split("# Instruction\n")[1].split("\n")[0]
         assert instruction not in held_out
+
+
+def test_toy_judge_training_records_for_several_templates_and_the_two_stage_one():
+    from alignjax.data import toy
+    records = toy_judge.sft_records(12, "vanilla,rules_metrics_reference")
+    vanilla, staged = records[:12], records[12:]
+    assert len(staged) == 24  # per pair: the notes stage, then the judgement with those notes
+    t = J.TEMPLATES["rules_metrics_reference"]
+    by_prompt = {e.prompt: e for e in toy.make_examples(200, seed=[1, 1])}
+    for notes_rec, judge_rec in zip(staged[::2], staged[1::2]):
+        user, notes = (m["content"] for m in notes_rec["messages"])
+        instruction = user.split("# Instruction\n")[1].split("\n")[0]
+        assert user == t.notes_prompt.format(instruction=instruction)
+        reference = notes.split("Reference answer: ")[1]
+        assert toy.check(by_prompt[instruction], reference)  # the gold answer, checked
+        judged = judge_rec["messages"][0]["content"]
+        assert notes in judged and judge_rec["messages"][1]["content"] in ("A", "B")
+        first = judged.split("# Output (A)\n")[1].split("\n")[0]
+        second = judged.split("# Output (B)\n")[1].split("\n")[0]
+        right = first if judge_rec["messages"][1]["content"] == "A" else second
+        assert right == reference
+    assert all("Your preparation" not in r["messages"][0]["content"] for r in vanilla)

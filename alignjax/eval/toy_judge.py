@@ -74,17 +74,44 @@ def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS,
     return out
 
 
+def reference_notes(e_prompt: str, answer: str) -> str:
+    """The first-stage notes a good judge writes for a toy instruction (the two-stage template's
+    format): one question and the reference answer."""
+    return ("Questions:\n1. Does the output give exactly what the instruction asks, nothing more "
+            f"and nothing less?\nReference answer: {answer}")
+
+
+def _chat(user: str, assistant: str) -> dict:
+    # messages: the trainer renders the chat template, as the judge reads its prompts
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": assistant}]}
+
+
 def sft_records(n: int, template: str = "vanilla", seed: int = 1, subsets=("natural",)) -> list[dict]:
-    """Judge training data: a user turn with the template's judge prompt, answered by the gold
-    label (chat `messages` records, so training sees the chat template the judge is read with),
-    from `n` pairs per subset whose prompts avoid the evaluation pairs' (seed 0) prompts."""
+    """Judge training data: a user turn with the judge prompt, answered by the gold label (chat
+    `messages` records, so training sees the chat template the judge is read with), from `n`
+    pairs per subset whose prompts avoid the evaluation pairs' (seed 0) prompts.
+
+    `template` may name several, comma-separated (one judge for several prompting strategies):
+    each pair is written once per template. A two-stage template (rules_metrics_reference) adds,
+    per pair, a first-stage record (its notes prompt answered by `reference_notes`) and judges
+    with those gold notes."""
+    from alignjax.data import toy
     from alignjax.eval.judge import get_template
-    t = get_template(template)
+    templates = [get_template(name.strip()) for name in template.split(",") if name.strip()]
     held_out = {p["prompt"] for p in judge_pairs(100, seed=0)}
     pairs = judge_pairs(n, seed=seed, subsets=subsets, exclude=held_out)
-    # messages: the trainer renders the chat template, as the judge reads its prompts
-    return [{"messages": [{"role": "user", "content": t.render(p["prompt"], p["output_a"], p["output_b"])},
-                          {"role": "assistant", "content": p["label"]}]} for p in pairs]
+    answers = {e.prompt: e.answer for e in toy.make_examples(2 * n + 20, seed=[seed, 1],
+                                                              exclude=held_out)}
+    out = []
+    for t in templates:
+        for p in pairs:
+            notes = ""
+            if t.notes_prompt:
+                notes = reference_notes(p["prompt"], answers[p["prompt"]])
+                out.append(_chat(t.notes_prompt.format(instruction=p["prompt"]), notes))
+            out.append(_chat(t.render(p["prompt"], p["output_a"], p["output_b"], notes), p["label"]))
+    return out
 
 
 def main(argv=None) -> None:
@@ -97,7 +124,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n-train", type=int, default=4000, help="training pairs per subset")
     ap.add_argument("--n-eval", type=int, default=100, help="gold pairs per subset")
-    ap.add_argument("--template", default="vanilla")
+    ap.add_argument("--template", default="vanilla",
+                    help="judge template(s) of the training prompts, comma-separated")
     ap.add_argument("--train-subsets", default="natural")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
