@@ -74,7 +74,7 @@ def judge_pairs(n_per_subset: int = 100, seed: int = 0, subsets=SUBSETS,
     return out
 
 
-def reference_notes(e_prompt: str, answer: str) -> str:
+def reference_notes(answer: str) -> str:
     """The first-stage notes a good judge writes for a toy instruction (the two-stage template's
     format): one question and the reference answer."""
     return ("Questions:\n1. Does the output give exactly what the instruction asks, nothing more "
@@ -108,7 +108,7 @@ def sft_records(n: int, template: str = "vanilla", seed: int = 1, subsets=("natu
         for p in pairs:
             notes = ""
             if t.notes_prompt:
-                notes = reference_notes(p["prompt"], answers[p["prompt"]])
+                notes = reference_notes(answers[p["prompt"]])
                 out.append(_chat(t.notes_prompt.format(instruction=p["prompt"]), notes))
             out.append(_chat(t.render(p["prompt"], p["output_a"], p["output_b"], notes), p["label"]))
     return out
