@@ -325,9 +325,12 @@ _CHECKS = {
     "model.dtype": _one_of(*DTYPES), "model.param_dtype": _one_of(*DTYPES),
     "model.remat_policy": _one_of(*REMAT_POLICIES), "model.attention_impl": _one_of("xla", "flash"),
     "model.layer_loop": _one_of(*LAYER_LOOPS),
-    "data.train": (lambda v: isinstance(v, str) and v.strip() != "",
+    # a string, or a list of sources (alignjax.data.mixture: "a.jsonl:0.7", {"path": ..., ...})
+    "data.train": (lambda v: (isinstance(v, str) and v.strip() != "")
+                   or (isinstance(v, (list, tuple)) and len(v) > 0),
                    "name at least one source (.jsonl, .parquet, dataset dir, hf://name or toy)"),
-    "data.eval": (lambda v: isinstance(v, str), "must be a string ('' = no eval data)"),
+    "data.eval": (lambda v: isinstance(v, (str, list, tuple)),
+                  "must be a string or a list of sources ('' = no eval data)"),
     "data.format": _one_of(*FORMATS), "data.packing": _one_of(*PACKINGS),
     "data.truncation": _one_of(*TRUNCATIONS), "data.completion_only_loss": _BOOL,
     "data.seq_len": _int(1), "data.shuffle_seed": _int(0), "data.skip_invalid": _BOOL,
@@ -412,11 +415,13 @@ def _model_errors(config: ConfigDict, mesh: dict | None) -> list:
     if m.head_dim is None and hidden % heads:
         errs.append(f"model.hidden_size={hidden} is not divisible by model.num_attention_heads="
                     f"{heads}; set model.head_dim explicitly")
-    seq_len = _get(config, "data.seq_len")
-    if _is_int(seq_len) and seq_len > m.max_position_embeddings:
-        errs.append(f"data.seq_len={seq_len} exceeds model.max_position_embeddings="
-                    f"{m.max_position_embeddings}; lower data.seq_len or extend the context "
-                    "(max_position_embeddings with rope_scaling)")
+    seq_len, context = _get(config, "data.seq_len"), _get(config, "model.context_length")
+    context, key = ((context, "model.context_length") if _is_int(context) and context > 0
+                    else (m.max_position_embeddings, "model.max_position_embeddings"))
+    if _is_int(seq_len) and seq_len > context:
+        errs.append(f"data.seq_len={seq_len} exceeds {key}={context}; lower data.seq_len or "
+                    "extend the context (model.context_length, with rope_scaling for a large "
+                    "extension)")
     if mesh is None:
         return errs
     # Weight dimensions that the sharding rules split must divide their mesh axes; checking here

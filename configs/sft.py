@@ -28,6 +28,9 @@ def base_config() -> ConfigDict:
     m.num_key_value_heads = 32
     m.head_dim = None  # None = hidden_size // num_attention_heads
     m.max_position_embeddings = 4096
+    # > 0: the context window of the run (and of the model it saves), also for a model read from
+    # init_from: extends a checkpoint's context (RoPE positions are computed; no weights change).
+    m.context_length = 0
     m.rope_theta = 10000.0
     m.rope_scaling = None  # or a dict, e.g. Llama 3.1: {"rope_type": "llama3", "factor": 8.0, ...}
     m.tie_word_embeddings = False

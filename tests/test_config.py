@@ -43,14 +43,17 @@ def write(tmp_path, name, text):
 def test_presets_load_and_validate(preset):
     config = load_config(f"{SFT}:{preset}")
     validate_config(config, PRESET_DEVICES[preset])
-    model = {k: v for k, v in config.model.to_dict().items() if k != "init_from"}
-    LlamaConfig(**model)  # the model fields are exactly what the Llama module takes
+    # the model fields are exactly what the Llama module takes, plus the two that say where the
+    # model comes from and how long a context the run uses
+    model = {k: v for k, v in config.model.to_dict().items()
+             if k not in ("init_from", "context_length")}
+    LlamaConfig(**model)
 
 
 def test_preset_architectures_and_sizes():
     def params(preset):
         m = load_config(f"{SFT}:{preset}").model.to_dict()
-        m.pop("init_from")
+        m.pop("init_from"), m.pop("context_length")
         return LlamaConfig(**m).num_params()
 
     assert 1e5 <= params("tiny") <= 1e6
@@ -303,3 +306,22 @@ def test_shipped_lr_sweep_loads_and_validates():
         validate_config(c, 8)
         lrs.add(c.optimizer.lr)
     assert len(lrs) == len(runs)
+
+
+def test_context_length_extends_a_checkpoint_and_a_too_long_seq_len_is_refused(tmp_path):
+    """A model read from init_from keeps its context unless model.context_length extends it;
+    training past it (positions it never saw, and a saved model that then refuses its own
+    prompts) is a one-line error naming the keys."""
+    from alignjax.config import load_config
+    from alignjax.model.config import ConfigError
+    from alignjax.train.setup import model_config
+    from tests.hf_models import make_hf_model
+    make_hf_model("llama2", tmp_path / "hf")  # max_position_embeddings 256
+    base = [f"model.init_from={tmp_path / 'hf'}", "tokenizer.path="]
+    assert model_config(load_config("configs/sft.py:tiny", base)).max_position_embeddings == 256
+    with pytest.raises(ConfigError, match=r"data.seq_len=512 exceeds the context of model.init_from"
+                                          r".*set model.context_length=512"):
+        model_config(load_config("configs/sft.py:tiny", base + ["data.seq_len=512"]))
+    extended = load_config("configs/sft.py:tiny", base + ["data.seq_len=512",
+                                                          "model.context_length=1024"])
+    assert model_config(extended).max_position_embeddings == 1024

@@ -47,6 +47,15 @@ def model_config(config, tokenizer=None) -> LlamaConfig:
         if tokenizer is not None:
             cfg = cfg.replace(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
+    context = int(m.get("context_length", 0) or 0)
+    if context:  # RoPE positions are computed, not stored: no weight changes
+        cfg = cfg.replace(max_position_embeddings=context)
+    seq_len = config.get("data", {}).get("seq_len") if hasattr(config, "get") else None
+    if m.init_from and isinstance(seq_len, int) and seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the context of model.init_from "
+                          f"{m.init_from} (max_position_embeddings {cfg.max_position_embeddings}); "
+                          f"lower data.seq_len, or set model.context_length={seq_len} to extend it "
+                          "(a large extension wants model.rope_scaling as well)")
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} tokens); set --config.model.vocab_size={len(tokenizer)} "
