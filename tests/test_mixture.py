@@ -274,3 +274,18 @@ def test_dpo_on_a_mixture_with_a_precomputed_reference(tmp_path, small_start_mod
         assert {f"eval/{name}/loss", f"eval/{name}/rewards/accuracies",
                 f"data/drawn/{name}"} <= set(last)
     assert "eval/rewards/accuracies" in last and last["data/drawn/x"] == last["data/drawn/y"]
+
+
+def test_a_list_in_the_config_file(tmp_path, bpe_tokenizer):
+    """configs may hold data.train as a list (set with ConfigDict.ignore_type); it validates and
+    opens as a mixture with per-source settings."""
+    from alignjax.config import validate_schema
+    files = _sft_files(tmp_path)
+    config = load_config("configs/sft.py:tiny", ["data.eval=", "data.seq_len=64"])
+    with config.ignore_type():
+        config.data.train = [{"path": files["a"], "weight": 0.75, "format": "prompt_completion"},
+                             f"{files['b']}:0.25"]
+    validate_schema(config, 8, ["sft"])
+    mixture = open_split(config, str(tmp_path), bpe_tokenizer, "train")
+    assert isinstance(mixture, Mixture) and mixture.weights == [0.75, 0.25]
+    assert mixture.names == ["a", "b"] and mixture.overrides[0] == {"format": "prompt_completion"}

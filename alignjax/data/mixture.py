@@ -125,6 +125,8 @@ def parse_sources(value: Any, key: str = "data.train") -> list[SourceSpec]:
             spec, weight = split_weight(entry, key)
             out.append(SourceSpec(spec, None if weight is None else _check_weight(weight, entry, key)))
             continue
+        if hasattr(entry, "to_dict"):  # a ConfigDict entry of a list in a config file
+            entry = entry.to_dict()
         if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
             raise DataError(f"{key}: {entry!r}: a source is a string or a dict with a 'path'")
         spec = entry["path"].strip()

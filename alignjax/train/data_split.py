@@ -29,7 +29,7 @@ def open_split(config, workdir: str, tokenizer, split: str, kind: str = "sft") -
     from alignjax.train.setup import checked_sources
     d, key = config.data, f"data.{split}"
     value = d.train if split == "train" else d.eval
-    if split == "eval" and not str(value).strip():
+    if split == "eval" and (not value or (isinstance(value, str) and not value.strip())):
         return None
     specs = parse_sources(value, key)
 
