@@ -133,8 +133,10 @@ class SlotLoader:
         loaded = load_model(src, self.run.mesh, self.run.rules, **runtime_overrides(self.config))
         ids = ("bos_token_id", "eos_token_id", "pad_token_id")
         want = self.run.model_config
+        # model.context_length may extend the stored context: it is not part of the weights
         if loaded.config.replace(**{k: getattr(want, k) for k in ids},
-                                 dtype=want.dtype, param_dtype=want.param_dtype) != want:
+                                 dtype=want.dtype, param_dtype=want.param_dtype,
+                                 max_position_embeddings=want.max_position_embeddings) != want:
             raise ConfigError(f"{slot.source_key}={src}: architecture differs from the "
                               "configured model")
         return loaded
