@@ -311,6 +311,8 @@ def cmd_data_check(args):
         require_writable_dir(args.out, "--out")
     if args.tokenizer and args.config:
         raise UserError("give --tokenizer or --config, not both")
+    if args.overrides and not args.config:
+        raise UserError(f"{args.overrides[0]}: --config.KEY=VALUE overrides need --config")
     config = _config(args) if args.config else None
     d = config.data if config is not None else None
     train = args.train or (d.train if d is not None else "")
@@ -621,8 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default="", metavar="DIR",
                    help="tokenizer directory (HF or alignjax model dir) or toy, for token lengths")
     p.add_argument("--config", default="", metavar="FILE[:PRESET]",
-                   help="a training config: its data.train/eval, tokenizer, seq_len, format and "
-                        "truncation (flags given here win)")
+                   help="a training config: its data.train/eval, tokenizer, seq_len, format, "
+                        "truncation and data.from_ratings (flags given here win; "
+                        "--config.KEY=VALUE overrides a key)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N",
                    help="count the records this length truncates or drops (default: the config's)")
     p.add_argument("--kind", default="auto", choices=["auto", "sft", "pair", "ranked", "kto"],
@@ -658,7 +661,8 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     args.overrides = [u for u in unknown if u.startswith("--config.")]
     rest = [u for u in unknown if not u.startswith("--config.")]
-    if rest or (args.overrides and args.command not in ("train", "iterate", "compare", "sweep", "compile")):
+    if rest or (args.overrides and args.command not in ("train", "iterate", "compare", "sweep", "compile",
+                                                        "data")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     from alignjax.errors import UserError, describe_os_error
     try:

@@ -284,3 +284,38 @@ def test_lsh_recall_exactly_at_the_threshold():
     near = check.find_duplicates(prompts)["near"]
     assert all(j == i + 1 and i % 2 == 0 and jac == pytest.approx(0.8) for i, j, jac in near)
     assert len(near) >= 396  # expected misses 0.4; a threshold-tuned LSH (p = 0.95) misses ~20
+
+
+def test_length_stats_of_pairs_built_from_ratings(tmp_path, bpe_tokenizer, capsys):
+    """With data.from_ratings the lengths are those of the pairs training builds (all_pairs: 3
+    per record with 3 distinct scores), duplicates are counted over the rated records, and a
+    rated record without responses is listed as invalid, not raised."""
+    recs = [{"prompt": " ".join(["cat"] * k),
+             "responses": [{"text": "red " * (k % 4 + 1), "score": 1}, {"text": "blue", "score": 3},
+                           {"text": "green green", "score": 2}]} for k in range(1, 30, 3)]
+    recs.append({"prompt": recs[0]["prompt"], "responses": [{"text": "x", "score": 1}]})
+    path = _write(tmp_path / "rated.jsonl", recs)
+    cfg = {"from_ratings": "all_pairs"}
+    report = check.check_data(path, None, bpe_tokenizer, cfg, 30)
+    ln = report["lengths"]["train"]
+    assert ln["kind"] == "pair" and ln["from_ratings"] == "all_pairs"
+    fmt = PreferenceFormatter(bpe_tokenizer, None, "pair")
+    pairs = [{"prompt": r["prompt"], "chosen": a["text"], "rejected": b["text"]}
+             for r in recs[:-1] for a in r["responses"] for b in r["responses"]
+             if a["score"] > b["score"]]
+    assert ln["records"] == len(pairs) == 3 * (len(recs) - 1)
+    assert ln["response_tokens"]["max"] == max(len(t) for p in pairs for t in fmt(p).responses)
+    status = [fit_example(fmt(p), 30)[1] for p in pairs]
+    assert ln["truncated"] == status.count("truncated") > 0
+    assert report["splits"]["train"]["invalid"] == 1
+    assert report["splits"]["train"]["invalid_examples"][0].startswith(f"{path}:{len(recs)}")
+    assert report["duplicates"]["exact"]["groups"] == 1  # the last record repeats the first prompt
+
+    from alignjax.cli import main
+    main(["data", "check", "--config", "configs/dpo.py:tiny", "--tokenizer", "", "--eval", "",
+          f"--config.data.train={path}", "--config.data.from_ratings=best_vs_worst"])
+    assert f"built by data.from_ratings=best_vs_worst, {len(recs) - 1} records formatted" in \
+        capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data", "check", "--train", path, "--config.data.from_ratings=all_pairs"])
+    assert "overrides need --config" in capsys.readouterr().err

@@ -332,6 +332,27 @@ def read_split(source: Any, counter: LengthCounter | None = None) -> tuple[list,
     return prompts, locations, invalid
 
 
+def _count_rated(source: Any, cfg: Mapping[str, Any], kind: str, counter: LengthCounter,
+                 invalid: Sequence[str]) -> list[str]:
+    """Add the examples ``data.from_ratings`` builds from ``source`` to ``counter``; returns the
+    invalid rated records not already in ``invalid``."""
+    from alignjax.data.pipeline import _get
+    from alignjax.data.ratings import RatedSource, _check_rule
+    rule = _get(cfg, "from_ratings", "")
+    _check_rule(rule, kind)
+    rated = RatedSource(source, rule, min_margin=float(_get(cfg, "min_margin", 0.0)),
+                        seed=int(_get(cfg, "rating_seed", 0)),
+                        rating_key=_get(cfg, "rating_key", "") or "", skip_invalid=True)
+    bad = []
+    for n in range(len(rated)):
+        try:
+            counter.add(rated[n], rated.where(n))
+        except (ValueError, TypeError) as e:
+            bad.append(f"{rated.where(n)}: {e}")
+    seen = {m.split(": ", 1)[0] for m in invalid}
+    return [m for m in rated.invalid + bad if m.split(": ", 1)[0] not in seen]
+
+
 def check_data(train: Any, evals: Any = None, tokenizer=None, cfg: Mapping[str, Any] | None = None,
                seq_len: int | None = None, kind: str = "auto", threshold: float = THRESHOLD,
                n: int = NGRAM, examples: int = EXAMPLES) -> dict:
@@ -351,18 +372,26 @@ def check_data(train: Any, evals: Any = None, tokenizer=None, cfg: Mapping[str, 
                      "seq_len": seq_len, "examples": examples},
         "splits": {}, "lengths": {}}
     data = {}
+    from alignjax.data.pipeline import _get
+    rule = _get(cfg, "from_ratings", "") or ""
+    if rule and kind == "auto":
+        kind = "ranked" if rule == "ranked" else "pair"
     for name, source in splits.items():
         counter = None
         if tokenizer is not None and kind != "auto":
             counter = LengthCounter(tokenizer, kind, cfg, seq_len)
-        prompts, locations, invalid = read_split(source, counter)
+        # Rated records (data.from_ratings): prompts and duplicates are the records', lengths
+        # are those of the pairs (or ranked groups) training builds from them.
+        prompts, locations, invalid = read_split(source, None if rule else counter)
+        if rule and counter is not None:
+            invalid += _count_rated(source, cfg, kind, counter, invalid)
         data[name] = (prompts, locations)
         report["splits"][name] = {
             "source": repr(source), "records": len(prompts),
             "empty_prompts": sum(1 for p in prompts if p is not None and not normalise(p)),
             "invalid": len(invalid), "invalid_examples": invalid[:examples]}
         if counter is not None:
-            report["lengths"][name] = counter.report()
+            report["lengths"][name] = dict(counter.report(), from_ratings=rule)
     if tokenizer is None:
         report["lengths_note"] = "no tokenizer given (--tokenizer or --config): no length statistics"
     elif kind == "auto":
@@ -446,7 +475,9 @@ def render(report: dict) -> str:
                    f"seq_len {ln['seq_len']} ({ln['truncation']}): {ln['truncated']} truncated, "
                    f"{ln['dropped']} dropped")
             detail = ", ".join(f"{k} {v} (first {ln['first'][k]})" for k, v in ln["by_status"].items())
-            out += [f"{name} ({ln['kind']}, {ln['records']} records formatted): {fit}"
+            built = (f", built by data.from_ratings={ln['from_ratings']}"
+                     if ln.get("from_ratings") else "")
+            out += [f"{name} ({ln['kind']}{built}, {ln['records']} records formatted): {fit}"
                     + (f" [{detail}]" if detail else ""), "",
                     "| tokens | min | mean | p50 | p95 | max |", "|---|---|---|---|---|---|",
                     _stats_row("prompt", ln["prompt_tokens"]),

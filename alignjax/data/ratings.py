@@ -205,6 +205,7 @@ class RatedSource:
                                 f"{len(source)}; fix them, or set data.skip_invalid=True to "
                                 f"skip them:\n  {shown}{more}")
         self.stats.invalid = len(bad)
+        self.invalid = bad  # "file:line: reason" of each skipped record
         if bad:
             log.warning("ratings: skipped %d invalid rated records of %d (skip_invalid); first: %s",
                         len(bad), len(source), bad[0])
