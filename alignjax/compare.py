@@ -3,7 +3,10 @@
     alignjax compare --config configs/compare.py:toy --workdir runs/compare --config.start=runs/sft
 
 Every method starts from `compare.start` and gets the same budget of `compare.steps` optimizer
-steps (expert iteration: 2 rounds of steps / 2; best-of-n trains nothing). Each then answers the
+steps (expert iteration: 2 rounds of steps / 2; best-of-n trains nothing). Conditional tokens
+(`conditional`): the start model's samples (as many as RSO draws), each prefixed by `<|good|>` when
+its reward reaches `compare.conditional_threshold` and `<|bad|>` otherwise, SFT of the start model
+with the two tokens added, evaluated conditioned on `<|good|>`. Each then answers the
 held-out toy prompts and is scored by the checker (gold), as are the start model's answers:
 
     method  accuracy  KL to start  mean length  reward-model score  policy samples  seconds
@@ -11,7 +14,8 @@ held-out toy prompts and is scored by the checker (gold), as are the start model
 - accuracy: greedy answers judged by the toy checker (best-of-n: the pick of n samples at
   temperature 1.0 by `compare.reward`; with the checker itself as that reward this is pass@n);
 - KL: mean over prompts of sum_t log pi(y_t) - log pi_start(y_t) for one response sampled from
-  the method's model at temperature 1 (best-of-n: the analytic log n - (n - 1) / n);
+  the method's model at temperature 1 (best-of-n: the analytic log n - (n - 1) / n; conditional
+  tokens: pi conditioned on `<|good|>`, pi_start on the plain prompt);
 - policy samples: responses the method drew from a policy while training (offline methods: 0);
 - seconds: wall time of the run that finished the method (a resumed run counts its last part).
 
@@ -39,7 +43,7 @@ from alignjax.model.config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    kind: str                     # train | iterate | rso | best_of_n
+    kind: str                     # train | iterate | rso | conditional | best_of_n
     config: str = ""              # FILE.py:PRESET of the run
     overrides: tuple = ()
     n: int = 0                    # best_of_n: samples per prompt
@@ -51,6 +55,7 @@ METHODS = {
     "best_of_16": Method("best_of_n", n=16),
     "expert_iteration": Method("iterate", "configs/expert_iteration.py:tiny"),
     "rso": Method("rso", _DPO, ("dpo.loss_type=sigmoid_norm",)),
+    "conditional": Method("conditional", "configs/sft.py:tiny"),
     "dpo": Method("train", _DPO, ("dpo.loss_type=dpo",)),
     "ipo": Method("train", _DPO, ("dpo.loss_type=ipo",)),
     "slic": Method("train", _DPO, ("dpo.loss_type=slic",)),
@@ -65,6 +70,7 @@ METHODS = {
     "rloo": Method("train", "configs/grpo.py:tiny", ("grpo.advantage=rloo",)),
     "reinforce_pp": Method("train", "configs/grpo.py:tiny", ("grpo.advantage=reinforce_pp",)),
 }
+CONDITIONAL_START = "start_with_control_tokens"  # in the method's workdir
 ANSWER_TOKENS = 16  # new tokens per toy answer: answers are at most 12 tokens + EOS
 BATCH = 256         # sequences per generate call
 
@@ -79,6 +85,7 @@ class Settings:
     reward_model: str
     rso_candidates: int
     rso_prompts: int
+    conditional_threshold: float
     overrides: dict
 
 
@@ -103,11 +110,15 @@ def settings(config) -> Settings:
     extra = sorted(set(c.overrides.keys()) - set(METHODS))
     if extra:
         errors.append(f"compare.overrides.{extra[0]}: not a method; choose from {', '.join(METHODS)}")
+    if not isinstance(c.conditional_threshold, (int, float)) or isinstance(c.conditional_threshold, bool):
+        errors.append(f"compare.conditional_threshold={c.conditional_threshold!r}: the reward at or "
+                      "above which a sample earns <|good|>, a number")
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else "invalid config:\n  - " + "\n  - ".join(errors))
     overrides = {k: tuple(c.overrides[k]) for k in c.overrides.keys()}
     return Settings(str(c.start), methods, int(c.steps), int(c.eval_prompts), str(c.reward),
-                    str(c.reward_model), int(c.rso_candidates), int(c.rso_prompts), overrides)
+                    str(c.reward_model), int(c.rso_candidates), int(c.rso_prompts),
+                    float(c.conditional_threshold), overrides)
 
 
 # ---- running one method ---------------------------------------------------------------------------
@@ -125,6 +136,9 @@ def method_config(name: str, s: Settings, workdir: str):
     if m.kind == "rso":
         budget.append(f"data.train={os.path.join(workdir, 'rso.jsonl')}")
         budget.append("data.eval=")
+    if m.kind == "conditional":  # the start model with the control tokens, and its tokenizer
+        budget += [f"model.init_from={os.path.join(workdir, CONDITIONAL_START)}", "tokenizer.path=",
+                   f"data.train={os.path.join(workdir, 'conditional.jsonl')}", "data.eval="]
     return load_config(m.config, list(m.overrides) + budget + list(s.overrides.get(name, ())))
 
 
@@ -142,6 +156,8 @@ def run_method(name: str, s: Settings, workdir: str) -> dict:
     samples = 0
     if m.kind == "rso":
         samples = _rso_data(s, os.path.join(workdir, "rso.jsonl"))
+    if m.kind == "conditional":
+        samples = _conditional_data(s, workdir)
     from alignjax.train import run_training
     run_training(config, run_dir)
     if config.algorithm in ("ppo", "grpo"):  # train.batch_size responses per step
@@ -153,28 +169,59 @@ def run_method(name: str, s: Settings, workdir: str) -> dict:
 
 def _rso_data(s: Settings, out: str) -> int:
     """RSO pairs sampled from the start model (alignjax sample --mode rso); returns samples drawn."""
+    if not os.path.exists(out):
+        _sample_start(s, "rso", out)
+    return s.rso_candidates * s.rso_prompts
+
+
+def _sample_start(s: Settings, mode: str, out: str, **kwargs) -> None:
+    """`compare.rso_candidates` samples for each of `compare.rso_prompts` toy training prompts from
+    the start model, scored by `compare.reward`, written as `alignjax sample --mode MODE` does."""
     from alignjax import sampling
     from alignjax.model.store import load_model
     from alignjax.model.tokenize import load_model_tokenizer
     from alignjax import sharding as shd
-    n = s.rso_candidates * s.rso_prompts
-    if os.path.exists(out):
-        return n
     mesh = shd.make_mesh()
     model = load_model(s.start, mesh, head="lm")
     tokenizer = load_model_tokenizer(model, s.start)
     prompts = sampling.read_prompts("toy", s.rso_prompts)
-    sampling.sample_dataset(model, tokenizer, prompts, sampling.reward_function(s.reward, mesh), "rso",
+    sampling.sample_dataset(model, tokenizer, prompts, sampling.reward_function(s.reward, mesh), mode,
                             s.rso_candidates, out, max_new_tokens=ANSWER_TOKENS, batch_size=BATCH,
-                            run_key={"model": s.start, "reward": s.reward})
-    return n
+                            run_key={"model": s.start, "reward": s.reward}, **kwargs)
+
+
+def _conditional_data(s: Settings, workdir: str) -> int:
+    """Conditional-token data and start model: every distinct sample of the start model, its
+    prompt prefixed by the control token its reward earns (ALGORITHMS: conditional tokens), and the
+    start model with `<|good|>` / `<|bad|>` added (WORKDIR/start_with_control_tokens). Returns the
+    samples drawn."""
+    import shutil
+    from alignjax.conditional import condition_records, prepare_model_dir
+    from alignjax import sharding as shd
+    out = os.path.join(workdir, "conditional.jsonl")  # written last: marks the data done
+    if not os.path.exists(out):
+        samples = os.path.join(workdir, "samples.jsonl")
+        if not os.path.exists(samples):
+            _sample_start(s, "filtered", samples, min_reward=-math.inf)
+        with open(samples) as f:
+            records = [json.loads(line) for line in f]
+        start = os.path.join(workdir, CONDITIONAL_START)
+        shutil.rmtree(start, ignore_errors=True)  # an interrupted earlier attempt
+        prepare_model_dir(s.start, start, mesh=shd.make_mesh())
+        conditioned = condition_records(records, threshold=s.conditional_threshold, score_key="reward")
+        with open(out + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in conditioned)
+        os.replace(out + ".tmp", out)
+    return s.rso_candidates * s.rso_prompts
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
-def evaluate(model_dir: str, s: Settings, best_of: int = 0) -> dict:
+def evaluate(model_dir: str, s: Settings, best_of: int = 0, condition: str | None = None) -> dict:
     """Held-out accuracy (checker), KL to the start model, mean length, reward-model score of
-    greedy answers, or (`best_of` n) of the pick of n samples by the reward."""
+    greedy answers, or (`best_of` n) of the pick of n samples by the reward. `condition` ("good"):
+    a conditional-token model answers prompts prefixed by that token, never emitting a control
+    token; the start model is scored on the plain prompts."""
     from alignjax import sharding as shd
     from alignjax.eval.toy import toy_eval_examples
     from alignjax.data import toy
@@ -187,9 +234,13 @@ def evaluate(model_dir: str, s: Settings, best_of: int = 0) -> dict:
     tokenizer = load_model_tokenizer(model, model_dir)
     examples = toy_eval_examples(s.eval_prompts)
     prompts = [e.prompt for e in examples]
-    ids = encode_prompts(tokenizer, prompts, chat=True)
+    ids, blocked = encode_prompts(tokenizer, prompts, chat=True), ()
+    if condition is not None:
+        from alignjax.conditional import generation_setup
+        ids, blocked = generation_setup(tokenizer, prompts, condition, chat=True,
+                                        vocab_size=model.config.vocab_size)
     gen = Generator(model.module, mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
-                    pad_id=tokenizer.pad_token_id)
+                    pad_id=tokenizer.pad_token_id, blocked_ids=blocked)
     if best_of:
         n = best_of
         rows = [i for i in range(len(prompts)) for _ in range(n)]
@@ -202,7 +253,10 @@ def evaluate(model_dir: str, s: Settings, best_of: int = 0) -> dict:
     else:
         answers = gen.generate_texts(model.params, tokenizer, ids,
                                      SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=0.0), BATCH)
-        kl = _kl_to_start(gen, model, ids, load_model(s.start, mesh, head="lm"))
+        start = load_model(s.start, mesh, head="lm")
+        start_ids = (ids if condition is None else
+                     encode_prompts(load_model_tokenizer(start, s.start), prompts, chat=True))
+        kl = _kl_to_start(gen, model, ids, start, start_ids)
     scores = [toy.check(e, a) for e, a in zip(examples, answers)]
     out = {"accuracy": float(np.mean(scores)), "kl": float(kl),
            "mean_length": float(np.mean([len(tokenizer(a, add_special_tokens=False)["input_ids"])
@@ -218,19 +272,20 @@ def _reward(s: Settings):
     return reward_function(s.reward_model or s.reward)
 
 
-def _kl_to_start(gen, model, ids, start) -> float:
+def _kl_to_start(gen, model, ids, start, start_ids) -> float:
     """Mean over prompts of the sequence log-ratio log pi - log pi_start of one response sampled
-    from pi at temperature 1 (an unbiased estimate of KL(pi || pi_start))."""
+    from pi at temperature 1 (an unbiased estimate of KL(pi || pi_start)); pi reads `ids`, pi_start
+    the same prompts as `start_ids` (they differ for a conditioned model)."""
     import jax
     from alignjax.model.generate import SamplingParams
     from alignjax.train.rollout import pad_prompts, response_token_stats
     from alignjax import sharding as shd
     n = len(ids)
-    rows, width = gen.bucket(n, max(len(x) for x in ids))  # rows split over the devices
-    ids = list(ids) + [ids[-1]] * (rows - n)
-    query, query_mask = pad_prompts(ids, width, gen.pad_id)
+    rows, width = gen.bucket(n, max(len(x) for x in list(ids) + list(start_ids)))  # rows split over the devices
+    query, query_mask = pad_prompts(list(ids) + [ids[-1]] * (rows - n), width, gen.pad_id)
     out = gen.generate_padded(model.params, query, query_mask,
                               SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=2))
+    query, query_mask = pad_prompts(list(start_ids) + [start_ids[-1]] * (rows - n), width, gen.pad_id)
     batch = dict(query=query, query_mask=query_mask, response=out["tokens"].astype(np.int32),
                  response_mask=out["mask"].astype(np.int32))
     with shd.mesh_context(start.mesh, start.rules):
@@ -269,7 +324,8 @@ def run(config, workdir: str) -> list[dict]:
 def _one(name: str, s: Settings, workdir: str) -> dict:
     clock = time.perf_counter()
     trained = run_method(name, s, workdir)
-    row = {"method": name, **evaluate(trained["model"], s, METHODS[name].n),
+    condition = "good" if METHODS[name].kind == "conditional" else None
+    row = {"method": name, **evaluate(trained["model"], s, METHODS[name].n, condition),
            "policy_samples": trained["policy_samples"]}
     if METHODS[name].kind == "best_of_n":
         row["policy_samples"] = METHODS[name].n * s.eval_prompts

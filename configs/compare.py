@@ -13,8 +13,8 @@ from ml_collections import ConfigDict
 
 PRESETS = ("toy",)
 DEFAULT_PRESET = "toy"
-ALL = ("best_of_4,best_of_16,expert_iteration,rso,dpo,ipo,slic,simpo,orpo,rrhf,pro,kto,online_dpo,"
-       "ppo,grpo,rloo,reinforce_pp")
+ALL = ("best_of_4,best_of_16,expert_iteration,rso,conditional,dpo,ipo,slic,simpo,orpo,rrhf,pro,kto,"
+       "online_dpo,ppo,grpo,rloo,reinforce_pp")
 
 
 def get_config(preset: str | None = None) -> ConfigDict:
@@ -26,8 +26,9 @@ def get_config(preset: str | None = None) -> ConfigDict:
         eval_prompts=200,          # held-out toy prompts, judged by the checker
         reward="toy",              # what best-of-n and RSO sampling score with
         reward_model="",           # optional: a reward-model dir for the RM-score column
-        rso_candidates=8,          # RSO: samples per prompt from the start model
-        rso_prompts=1024,
+        rso_candidates=8,          # RSO and conditional tokens: samples per prompt from the start model
+        rso_prompts=1024,          # ... and training prompts sampled
+        conditional_threshold=1.0,  # a sample whose reward reaches this earns <|good|> (the checker: correct)
         # extra config overrides for one method, e.g. grpo=("optimizer.lr=1e-5",)
         overrides=ConfigDict({m: () for m in ALL.split(",")}),
     ))
