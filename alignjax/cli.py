@@ -485,9 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", required=True,
                    help="reward spec: toy (the checker), a reward-model dir, python:FILE:FUNCTION, "
                         "or a weighted sum such as 'toy + 0.5*runs/rm' (see README, Reward sources)")
-    p.add_argument("--mode", choices=("best_of_n", "filtered", "pairs", "ranked", "rso"), default="pairs",
+    p.add_argument("--mode", choices=("best_of_n", "filtered", "all", "pairs", "ranked", "rso"),
+                   default="pairs",
                    help="best_of_n: the best response (SFT record); filtered: every distinct response "
-                        "scoring >= --min-reward (SFT records); pairs: best vs worst; ranked: "
+                        "scoring >= --min-reward (SFT records); all: every response with its reward, "
+                        "repeats included (SFT records); pairs: best vs worst; ranked: "
                         "RRHF/PRO lists; rso: RSO rejection sampling, paired")
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (RSO: candidates, e.g. 64)")
@@ -501,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
     p.add_argument("--rso-beta", type=float, default=0.5, help="RSO: temperature of the target r/beta")
     p.add_argument("--min-reward", type=float, default=None,
-                   help="best_of_n / filtered: keep only responses scoring at least this "
+                   help="best_of_n / filtered / all: keep only responses scoring at least this "
                         "(e.g. 1 with the toy checker: correct answers only)")
     p.add_argument("--rso-accept", type=int, default=8, help="RSO: samples to accept per prompt")
     _add_mesh(p)

@@ -55,7 +55,7 @@ METHODS = {
     "best_of_16": Method("best_of_n", n=16),
     "expert_iteration": Method("iterate", "configs/expert_iteration.py:tiny"),
     "rso": Method("rso", _DPO, ("dpo.loss_type=sigmoid_norm",)),
-    "conditional": Method("conditional", "configs/sft.py:tiny"),
+    "conditional": Method("conditional", "configs/sft.py:tiny", ("optimizer.lr=3e-4",)),  # expert iteration's
     "dpo": Method("train", _DPO, ("dpo.loss_type=dpo",)),
     "ipo": Method("train", _DPO, ("dpo.loss_type=ipo",)),
     "slic": Method("train", _DPO, ("dpo.loss_type=slic",)),
@@ -191,7 +191,7 @@ def _sample_start(s: Settings, mode: str, out: str, **kwargs) -> None:
 
 
 def _conditional_data(s: Settings, workdir: str) -> int:
-    """Conditional-token data and start model: every distinct sample of the start model, its
+    """Conditional-token data and start model: every sample of the start model, its
     prompt prefixed by the control token its reward earns (ALGORITHMS: conditional tokens), and the
     start model with `<|good|>` / `<|bad|>` added (WORKDIR/start_with_control_tokens). Returns the
     samples drawn."""
@@ -202,7 +202,7 @@ def _conditional_data(s: Settings, workdir: str) -> int:
     if not os.path.exists(out):
         samples = os.path.join(workdir, "samples.jsonl")
         if not os.path.exists(samples):
-            _sample_start(s, "filtered", samples, min_reward=-math.inf)
+            _sample_start(s, "all", samples)
         with open(samples) as f:
             records = [json.loads(line) for line in f]
         start = os.path.join(workdir, CONDITIONAL_START)

@@ -4,6 +4,8 @@ score them with a reward, and keep what a method needs.
 - ``best_of_n``: the best response per prompt, as SFT records (one round of expert iteration);
   with `min_reward`, only where it earns at least that (rejection-sampling fine-tuning).
 - ``filtered``: every distinct response with a reward >= `min_reward`, as SFT records.
+- ``all``: every non-empty response, repeats included, with its reward, as SFT records
+  (conditional-token data: the reward labels each sample; repeats keep the policy's frequencies).
   SFT records of chat prompts are conversational (``prompt``/``completion`` message lists), so
   SFT renders them with the chat template the samples were drawn with.
 - ``pairs``: best vs worst response per prompt, as preference pairs: on-policy data for DPO, whose
@@ -30,8 +32,8 @@ import numpy as np
 
 from alignjax.errors import UserError
 
-MODES = ("best_of_n", "filtered", "pairs", "ranked", "rso")
-SFT_MODES = ("best_of_n", "filtered")  # records for SFT; the others are preference data
+MODES = ("best_of_n", "filtered", "all", "pairs", "ranked", "rso")
+SFT_MODES = ("best_of_n", "filtered", "all")  # records for SFT; the others are preference data
 
 
 # ---- selection rules (pure) -------------------------------------------------------------------
@@ -77,7 +79,7 @@ def select(mode: str, prompt: str, texts: Sequence[str], rewards_n: np.ndarray,
            min_reward: Optional[float] = None) -> list[dict]:
     """The records one prompt's scored samples yield under `mode` (possibly none).
 
-    `min_reward` (best_of_n, filtered): responses scoring less are never kept."""
+    `min_reward` (best_of_n, filtered, all): responses scoring less are never kept."""
     keep = [i for i, t in enumerate(texts) if t.strip()]
     texts, rewards_n = [texts[i] for i in keep], np.asarray(rewards_n, np.float64)[keep]
     if not texts:
@@ -85,6 +87,8 @@ def select(mode: str, prompt: str, texts: Sequence[str], rewards_n: np.ndarray,
     if mode in SFT_MODES:
         if mode == "best_of_n":
             indices = [int(np.argmax(rewards_n))]
+        elif mode == "all":
+            indices = list(range(len(texts)))
         else:
             first = {}
             for i, t in enumerate(texts):  # one record per distinct response

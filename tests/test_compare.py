@@ -46,12 +46,12 @@ def test_reduced_comparison_writes_table_and_png_and_resumes(small_start_model, 
     for name in ("rso", "grpo"):  # each method trained in its own workdir, from the start model
         cfg = json.loads((workdir / name / "run" / "config.json").read_text())
         assert cfg["model"]["init_from"] == start_model and cfg["train"]["steps"] == 2
-    # Conditional tokens: every distinct start-model sample, prefixed by the token its reward earns
+    # Conditional tokens: every start-model sample, prefixed by the token its reward earns
     # (1% of records keep no token), SFT of the start model with the tokens added.
     cond = workdir / "conditional"
     samples = [json.loads(x) for x in (cond / "samples.jsonl").read_text().splitlines()]
     records = [json.loads(x) for x in (cond / "conditional.jsonl").read_text().splitlines()]
-    assert len(records) == len(samples) > 8 and {r["control_token"] for r in records} >= {"<|good|>", "<|bad|>"}
+    assert len(records) == len(samples) > 16 and {r["control_token"] for r in records} >= {"<|good|>", "<|bad|>"}
     for sample, record in zip(samples, records):
         token = record["control_token"]
         want = "<|good|>" if sample["reward"] >= THRESHOLD else "<|bad|>"

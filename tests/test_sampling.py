@@ -53,6 +53,9 @@ def test_select_modes():
     assert [x["completion"] for x in sampling.select("best_of_n", "p", texts, r, rng, min_reward=1.0)] == ["b"]
     kept = sampling.select("filtered", "p", texts + ["c"], np.append(r, 0.7), rng, min_reward=0.5)
     assert [(x["completion"], x["reward"]) for x in kept] == [("a", 0.5), ("b", 1.0), ("c", 0.7)]  # "a" once
+    every = sampling.select("all", "p", texts + ["c"], np.append(r, 0.7), rng)  # repeats kept, "" not
+    assert [(x["completion"], x["reward"]) for x in every] == [("a", 0.5), ("b", 1.0), ("a", 0.5), ("c", 0.7)]
+    assert [x["completion"] for x in sampling.select("all", "p", texts, r, rng, min_reward=0.6)] == ["b"]
     with pytest.raises(Exception, match="--mode"):
         sampling.select("bogus", "p", texts, r, rng)
 
