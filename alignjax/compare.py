@@ -281,7 +281,8 @@ def _kl_to_start(gen, model, ids, start, start_ids) -> float:
     from alignjax.train.rollout import pad_prompts, response_token_stats
     from alignjax import sharding as shd
     n = len(ids)
-    rows, width = gen.bucket(n, max(len(x) for x in list(ids) + list(start_ids)))  # rows split over the devices
+    # rows split over the devices; one width fits both prompt forms
+    rows, width = gen.bucket(n, max(len(x) for x in list(ids) + list(start_ids)))
     query, query_mask = pad_prompts(list(ids) + [ids[-1]] * (rows - n), width, gen.pad_id)
     out = gen.generate_padded(model.params, query, query_mask,
                               SamplingParams(max_new_tokens=ANSWER_TOKENS, temperature=1.0, seed=2))

@@ -28,6 +28,12 @@ verbs:
   ssh       a shell (or -- COMMAND) on --worker (default 0)
   stop      SIGTERM the job (it checkpoints and exits 143), then kill -9 whatever still holds
             /dev/accel* or /dev/vfio/* so the next run can start
+  supervise -- COMMAND ...: keep COMMAND running on a queued resource through preemptions, from
+            this machine (run it under tmux or nohup). Every --poll seconds it reads the queued
+            resource's state: ACTIVE and the job not started: copy, setup, run --restart; the
+            job finished: exit with its exit code; SUSPENDED, FAILED or gone (a preempted spot
+            pod): delete it and create it again (the create flags), at most --max-recreations
+            times; any other state: wait. Training resumes from the workdir's last checkpoint.
 
 flags:
   --name NAME               TPU / queued-resource name (sweep: comma-separated names)
@@ -44,6 +50,8 @@ flags:
                             and 130 (interrupted)
   --max-restarts N          default 20
   --restart-delay S         seconds between restarts (default 10)
+  --poll S                  supervise: seconds between state checks (default 60)
+  --max-recreations N       supervise: default 10
   --sweep FILE --workdir DIR   sweep
   --worker W                ssh: worker index (default 0)
   --lines N                 logs: default 40
@@ -102,15 +110,16 @@ default_runtime() {
 REMOTE_DIR=alignjax            # relative to the remote home directory
 NAME="" ZONE="" PROJECT="" ACCEL="" RUNTIME="" CAPACITY="" DIRECT=0 JOB=run RESTART=0
 MAX_RESTARTS=20 RESTART_DELAY=10 SWEEP="" WORKDIR="" WORKER=0 LINES=40 DRY_RUN=0
+POLL=60 MAX_RECREATIONS=10
 CMD=()
 
 VERB=${1:-}
-[[ -n $VERB ]] || { usage >&2; die "give a verb (create, list, delete, copy, setup, run, sweep, logs, check, ssh, stop)"; }
+[[ -n $VERB ]] || { usage >&2; die "give a verb (create, list, delete, copy, setup, run, sweep, logs, check, ssh, stop, supervise)"; }
 shift
 case $VERB in
   help|-h|--help) usage; exit 0 ;;
-  create|list|delete|copy|setup|run|sweep|logs|check|ssh|stop) ;;
-  *) die "unknown verb '$VERB'; use create, list, delete, copy, setup, run, sweep, logs, check, ssh or stop" ;;
+  create|list|delete|copy|setup|run|sweep|logs|check|ssh|stop|supervise) ;;
+  *) die "unknown verb '$VERB'; use create, list, delete, copy, setup, run, sweep, logs, check, ssh, stop or supervise" ;;
 esac
 
 need_value() { [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"; }
@@ -133,6 +142,8 @@ while [[ $# -gt 0 ]]; do
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
     --worker) need_value "$@"; WORKER=$2; shift 2 ;;
     --lines) need_value "$@"; LINES=$2; shift 2 ;;
+    --poll) need_value "$@"; POLL=$2; shift 2 ;;
+    --max-recreations) need_value "$@"; MAX_RECREATIONS=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     --) shift; CMD=("$@"); break ;;
     *) die "$VERB: unknown argument '$1' (put the command to run after --)" ;;
@@ -153,10 +164,10 @@ for n in "${NAMES[@]}"; do
     || die "--name '$n': use lowercase letters, digits and '-', starting with a letter"
 done
 [[ $JOB =~ ^[A-Za-z0-9_.-]+$ ]] || die "--job '$JOB': use letters, digits, '_', '.', '-'"
-for v in MAX_RESTARTS RESTART_DELAY WORKER LINES; do
+for v in MAX_RESTARTS RESTART_DELAY WORKER LINES POLL MAX_RECREATIONS; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "--$(tr '_A-Z' '-a-z' <<< "$v") '${!v}': give a non-negative integer"
 done
-if [[ ${#CMD[@]} -gt 0 && $VERB != run && $VERB != ssh ]]; then
+if [[ ${#CMD[@]} -gt 0 && $VERB != run && $VERB != ssh && $VERB != supervise ]]; then
   die "$VERB takes no command after --"
 fi
 if [[ $DRY_RUN == 0 ]] && ! command -v gcloud >/dev/null; then
@@ -175,57 +186,56 @@ on_all() { x "${VM[@]}" ssh "$1" "${GLOBAL[@]}" --worker=all --command "$2"; }
 # With --restart, COMMAND-LINE inside a retry loop: a preempted or crashed run resumes from its
 # workdir's latest checkpoint when started again; 0, 2 (usage error) and 130 (Ctrl-C) end it.
 retried() {
-  if [[ $RESTART == 0 ]]; then printf '%s' "$1"; return; fi
+  if [[ $RESTART == 0 ]]; then printf '%s' "$1; rc=\$?"; return; fi
   printf '%s' "n=0; while true; do $1; rc=\$?; if [ \$rc -eq 0 ] || [ \$rc -eq 2 ] ||"
   printf '%s' " [ \$rc -eq 130 ] || [ \$n -ge $MAX_RESTARTS ]; then break; fi; n=\$((n+1));"
   printf '%s' " echo \"launch: exit \$rc, restart \$n/$MAX_RESTARTS in $RESTART_DELAY s\"; sleep $RESTART_DELAY; done"
 }
 
-# The shell line that starts BODY detached on a worker: its own session (so `stop` can signal
-# the whole group), output in logs/JOB.<hostname>.log, pid in logs/JOB.pid.
+# The shell line that starts BODY (ending with its exit code in $rc) detached on a worker: its own
+# session (so `stop` can signal the whole group), output in logs/JOB.<hostname>.log, pid in
+# logs/JOB.pid, and the exit code in logs/JOB.exit when it ends (what `supervise` waits for).
 detached() {
-  local body="export PATH=\"\$HOME/.local/bin:\$PATH\"; $1"
-  printf '%s' "cd $REMOTE_DIR && mkdir -p logs && { setsid nohup bash -c $(shq "$body") > logs/$JOB.\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/$JOB.pid; }"
+  local body="export PATH=\"\$HOME/.local/bin:\$PATH\"; $1; echo \$rc > logs/$JOB.exit"
+  printf '%s' "cd $REMOTE_DIR && mkdir -p logs && rm -f logs/$JOB.exit && { setsid nohup bash -c $(shq "$body") > logs/$JOB.\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/$JOB.pid; }"
 }
 
-case $VERB in
-  create)
-    [[ -n $ACCEL ]] || die "create: --accelerator-type is required (e.g. v5p-64)"
-    [[ $ACCEL == v5e-* ]] && ACCEL=v5litepod-${ACCEL#v5e-}
-    check_accelerator "$ACCEL"
-    RUNTIME=${RUNTIME:-$(default_runtime "$ACCEL")}
-    cap=(); [[ -z $CAPACITY ]] || cap=(--"$CAPACITY")
-    if [[ $DIRECT == 1 ]]; then
-      x "${VM[@]}" create "$NAME" "${GLOBAL[@]}" --accelerator-type="$ACCEL" --version="$RUNTIME" "${cap[@]}"
-    else
-      x "${QR[@]}" create "$NAME" "${GLOBAL[@]}" --node-id="$NAME" --accelerator-type="$ACCEL" \
-        --runtime-version="$RUNTIME" "${cap[@]}"
-    fi
-    ;;
-  list)
-    x "${QR[@]}" list "${GLOBAL[@]}"
-    x "${VM[@]}" list "${GLOBAL[@]}"
-    ;;
-  delete)
-    if [[ $DIRECT == 1 ]]; then
-      x "${VM[@]}" delete "$NAME" "${GLOBAL[@]}" --quiet
-    else
-      x "${QR[@]}" delete "$NAME" "${GLOBAL[@]}" --force --quiet
-    fi
-    ;;
-  copy)
-    tarball=${TMPDIR:-/tmp}/alignjax-src.tar.gz
-    x tar --exclude=./.venv --exclude=./runs --exclude=./.git --exclude=__pycache__ \
-      --exclude='*.egg-info' -czf "$tarball" -C "$ROOT" .
-    x "${VM[@]}" scp "$tarball" "$NAME:/tmp/alignjax-src.tar.gz" "${GLOBAL[@]}" --worker=all
-    on_all "$NAME" "mkdir -p $REMOTE_DIR && tar -xzf /tmp/alignjax-src.tar.gz -C $REMOTE_DIR"
-    ;;
-  setup)
-    # The JAX stack at the versions this host runs (and tests) with; jax[tpu] then brings the
-    # matching libtpu. Other dependencies follow pyproject.toml's ranges.
-    py=${ALIGNJAX_PYTHON:-$ROOT/.venv/bin/python}
-    [[ -x $py ]] || py=python3
-    pins=$("$py" - <<'EOF'
+create_pod() {
+  [[ -n $ACCEL ]] || die "$VERB: --accelerator-type is required (e.g. v5p-64)"
+  [[ $ACCEL == v5e-* ]] && ACCEL=v5litepod-${ACCEL#v5e-}
+  check_accelerator "$ACCEL"
+  RUNTIME=${RUNTIME:-$(default_runtime "$ACCEL")}
+  local cap=(); [[ -z $CAPACITY ]] || cap=(--"$CAPACITY")
+  if [[ $DIRECT == 1 ]]; then
+    x "${VM[@]}" create "$NAME" "${GLOBAL[@]}" --accelerator-type="$ACCEL" --version="$RUNTIME" "${cap[@]}"
+  else
+    x "${QR[@]}" create "$NAME" "${GLOBAL[@]}" --node-id="$NAME" --accelerator-type="$ACCEL" \
+      --runtime-version="$RUNTIME" "${cap[@]}"
+  fi
+}
+
+delete_pod() {
+  if [[ $DIRECT == 1 ]]; then
+    x "${VM[@]}" delete "$NAME" "${GLOBAL[@]}" --quiet
+  else
+    x "${QR[@]}" delete "$NAME" "${GLOBAL[@]}" --force --quiet
+  fi
+}
+
+copy_tree() {
+  local tarball=${TMPDIR:-/tmp}/alignjax-src.tar.gz
+  x tar --exclude=./.venv --exclude=./runs --exclude=./.git --exclude=__pycache__ \
+    --exclude='*.egg-info' -czf "$tarball" -C "$ROOT" . || return
+  x "${VM[@]}" scp "$tarball" "$NAME:/tmp/alignjax-src.tar.gz" "${GLOBAL[@]}" --worker=all || return
+  on_all "$NAME" "mkdir -p $REMOTE_DIR && tar -xzf /tmp/alignjax-src.tar.gz -C $REMOTE_DIR"
+}
+
+setup_workers() {
+  # The JAX stack at the versions this host runs (and tests) with; jax[tpu] then brings the
+  # matching libtpu. Other dependencies follow pyproject.toml's ranges.
+  local py=${ALIGNJAX_PYTHON:-$ROOT/.venv/bin/python} pins pin_words
+  [[ -x $py ]] || py=python3
+  pins=$("$py" - <<'EOF'
 import importlib.metadata as m
 out = []
 for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
@@ -236,9 +246,34 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
 print(" ".join(out))
 EOF
 ) || die "setup: could not read the installed versions with $py"
-    [[ $pins == *jax==* ]] || die "setup: jax is not installed for $py (set ALIGNJAX_PYTHON)"
-    read -r -a pin_words <<< "$pins"
-    on_all "$NAME" "cd $REMOTE_DIR && python3 -m pip install --upgrade pip && python3 -m pip install -e '.[tpu]' $(shjoin "${pin_words[@]}")"
+  [[ $pins == *jax==* ]] || die "setup: jax is not installed for $py (set ALIGNJAX_PYTHON)"
+  read -r -a pin_words <<< "$pins"
+  on_all "$NAME" "cd $REMOTE_DIR && python3 -m pip install --upgrade pip && python3 -m pip install -e '.[tpu]' $(shjoin "${pin_words[@]}")"
+}
+
+qr_state() { x "${QR[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state.state)'; }
+
+# Worker 0's view of the job: exit:N (finished with N), running, or none (never started here).
+job_status() {
+  x "${VM[@]}" ssh "$NAME" "${GLOBAL[@]}" --worker=0 --command "cd $REMOTE_DIR 2>/dev/null && if [ -f logs/$JOB.exit ]; then echo exit:\$(cat logs/$JOB.exit); elif p=\$(cat logs/$JOB.pid 2>/dev/null) && kill -0 \"\$p\" 2>/dev/null; then echo running; else echo none; fi || echo none"
+}
+
+case $VERB in
+  create)
+    create_pod
+    ;;
+  list)
+    x "${QR[@]}" list "${GLOBAL[@]}"
+    x "${VM[@]}" list "${GLOBAL[@]}"
+    ;;
+  delete)
+    delete_pod
+    ;;
+  copy)
+    copy_tree
+    ;;
+  setup)
+    setup_workers
     ;;
   run)
     [[ ${#CMD[@]} -gt 0 ]] || die "run: give the command after --, e.g. -- alignjax train --config configs/sft.py:tiny --workdir runs/sft"
@@ -258,7 +293,7 @@ EOF
       share=""
       for ((j = i; j < ${#runs[@]}; j += ${#NAMES[@]})); do
         share+="${share:+ ; }$(retried "${runs[j]}")"
-      done
+      done  # (logs/JOB.exit holds the last run's exit code)
       [[ -z $share ]] || on_all "${NAMES[i]}" "$(detached "$share")"
     done
     ;;
@@ -269,7 +304,7 @@ EOF
     if [[ $DIRECT == 1 ]]; then
       x "${VM[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state)'
     else
-      x "${QR[@]}" describe "$NAME" "${GLOBAL[@]}" --format='value(state.state)'
+      qr_state
     fi
     on_all "$NAME" "p=\$(cat $REMOTE_DIR/logs/$JOB.pid 2>/dev/null); if [ -n \"\$p\" ] && kill -0 \"\$p\" 2>/dev/null; then s=running; else s=stopped; fi; echo \"\$(hostname): $JOB \$s; TPU held by: \$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | tr '\\n' ' ')\""
     ;;
@@ -283,5 +318,49 @@ EOF
   stop)
     # SIGTERM first: the training loop saves a checkpoint and exits 143 (up to 120 s).
     on_all "$NAME" "for f in $REMOTE_DIR/logs/*.pid; do [ -f \"\$f\" ] || continue; p=\$(cat \"\$f\"); kill -TERM -- -\"\$p\" 2>/dev/null; for i in \$(seq 120); do kill -0 -- -\"\$p\" 2>/dev/null || break; sleep 1; done; rm -f \"\$f\"; done; pids=\$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u); if [ -n \"\$pids\" ]; then sudo kill -9 \$pids; fi; echo \"\$(hostname): TPU free\""
+    ;;
+  supervise)
+    [[ ${#CMD[@]} -gt 0 ]] || die "supervise: give the command after --, e.g. -- alignjax train --config configs/sft.py:llama3_8b --workdir runs/sft8b"
+    [[ $DIRECT == 0 ]] || die "supervise: needs a queued resource (drop --direct)"
+    [[ -n $ACCEL ]] || die "supervise: --accelerator-type is required (to create the pod again after a preemption)"
+    RESTART=1  # a preempted or crashed process restarts on the same VM; a lost VM is created again
+    job=$(detached "$(retried "$(shjoin "${CMD[@]}")")")
+    if [[ $DRY_RUN == 1 ]]; then  # one pass of what a preemption costs: the commands, in order
+      qr_state; job_status; delete_pod; create_pod; copy_tree; setup_workers; on_all "$NAME" "$job"
+      exit 0
+    fi
+    # A failing gcloud call (network, quota, a pod still being deleted) is reported and tried
+    # again at the next poll; only a missing or broken setting (exit 2) ends the supervisor.
+    recreated=0
+    while true; do
+      if out=$(qr_state 2>&1); then
+        state=${out##*$'\n'}
+      elif [[ $out == *NOT_FOUND* || $out == *"not found"* ]]; then
+        state=GONE
+      else
+        state=UNKNOWN; echo "launch: $NAME: describe failed: ${out##*$'\n'}"
+      fi
+      case $state in
+        ACTIVE)
+          status=$(job_status 2>/dev/null) || status=""
+          case $status in
+            exit:*) echo "launch: $NAME: job $JOB finished with exit ${status#exit:}"; exit "${status#exit:}" ;;
+            none)
+              echo "launch: $NAME is ACTIVE: copy, setup, start job $JOB"
+              { copy_tree && setup_workers && on_all "$NAME" "$job"; } \
+                || echo "launch: $NAME: starting the job failed; trying again in $POLL s" ;;
+            *) ;;  # running, or the workers did not answer: look again later
+          esac ;;
+        SUSPENDED|FAILED|GONE)
+          (( recreated < MAX_RECREATIONS )) \
+            || die "supervise: $NAME is $state after $recreated recreations (--max-recreations)"
+          recreated=$((recreated + 1))
+          echo "launch: $NAME is $state: creating it again ($recreated/$MAX_RECREATIONS)"
+          { if [[ $state != GONE ]]; then delete_pod; fi && create_pod; } \
+            || echo "launch: $NAME: recreating failed; trying again in $POLL s" ;;
+        *) ;;  # ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, CREATING, SUSPENDING, DELETING, ...
+      esac
+      sleep "$POLL"
+    done
     ;;
 esac

@@ -116,17 +116,15 @@ def test_run_on_all_workers():
     assert dry("run", "--name", "pod", "--zone", "z", "--", "alignjax", "train", "--config",
                "configs/sft.py:tiny", "--workdir", "runs/sft") == [
         f"{SSH} pod --zone=z --worker=all --command 'cd alignjax && mkdir -p logs && "
-        f"{{ setsid nohup bash -c '\\''{PATH_LINE}alignjax train --config configs/sft.py:tiny "
-        "--workdir runs/sft'\\'' > logs/run.$(hostname).log 2>&1 < /dev/null & "
-        "echo $! > logs/run.pid; }'"]
+        f"rm -f logs/run.exit && {{ setsid nohup bash -c '\\''{PATH_LINE}alignjax train --config "
+        "configs/sft.py:tiny --workdir runs/sft; rc=$?; echo $rc > logs/run.exit'\\'' > "
+        "logs/run.$(hostname).log 2>&1 < /dev/null & echo $! > logs/run.pid; }'"]
 
 
 def test_run_restart_wraps_a_retry_loop():
     line = dry("run", "--name", "pod", "--zone", "z", "--restart", "--max-restarts", "3",
                "--job", "sft", "--", "alignjax", "train")[0]
-    assert remote_command(line) == (
-        "cd alignjax && mkdir -p logs && { setsid nohup bash -c '" + PATH_LINE + _retried("alignjax train", 3)
-        + "' > logs/sft.$(hostname).log 2>&1 < /dev/null & echo $! > logs/sft.pid; }")
+    assert remote_command(line) == _detached(_retried("alignjax train", 3), "sft")
 
 
 def _retried(command: str, max_restarts: int = 20) -> str:
@@ -164,24 +162,25 @@ SWEEP_RUNS = [  # configs/sweeps/sft_lr.py, as `alignjax sweep --print-commands`
     for lr in ("0.001", "0.002", "0.003")]
 
 
-def _detached(commands: str) -> str:
-    return ("cd alignjax && mkdir -p logs && { setsid nohup bash -c " + shlex.quote(PATH_LINE + commands)
-            + " > logs/run.$(hostname).log 2>&1 < /dev/null & echo $! > logs/run.pid; }")
+def _detached(commands: str, job: str = "run") -> str:
+    body = f"{PATH_LINE}{commands}; echo $rc > logs/{job}.exit"
+    return (f"cd alignjax && mkdir -p logs && rm -f logs/{job}.exit && {{ setsid nohup bash -c "
+            f"{shlex.quote(body)} > logs/{job}.$(hostname).log 2>&1 < /dev/null & echo $! > logs/{job}.pid; }}")
 
 
 def test_sweep_one_pod_runs_one_after_another():
     out = dry("sweep", "--name", "pod", "--zone", "z", "--sweep", "configs/sweeps/sft_lr.py",
               "--workdir", "runs/lr")
     assert len(out) == 1 and out[0].startswith(f"{SSH} pod --zone=z --worker=all --command ")
-    assert remote_command(out[0]) == _detached(" ; ".join(SWEEP_RUNS))
+    assert remote_command(out[0]) == _detached(" ; ".join(f"{r}; rc=$?" for r in SWEEP_RUNS))
 
 
 def test_sweep_spread_over_pods_round_robin():
     out = dry("sweep", "--name", "pod-a,pod-b", "--zone", "z", "--sweep", "configs/sweeps/sft_lr.py",
               "--workdir", "runs/lr")
     assert [shlex.split(line)[5] for line in out] == ["pod-a", "pod-b"]
-    assert remote_command(out[0]) == _detached(f"{SWEEP_RUNS[0]} ; {SWEEP_RUNS[2]}")
-    assert remote_command(out[1]) == _detached(SWEEP_RUNS[1])
+    assert remote_command(out[0]) == _detached(f"{SWEEP_RUNS[0]}; rc=$? ; {SWEEP_RUNS[2]}; rc=$?")
+    assert remote_command(out[1]) == _detached(f"{SWEEP_RUNS[1]}; rc=$?")
 
 
 def test_sweep_restart_retries_each_run_on_its_own():
@@ -229,6 +228,7 @@ def test_run_line_keeps_arguments_and_logs_per_host(tmp_path):
     log = _wait_for(tmp_path / "alignjax" / "logs" / f"run.{socket.gethostname()}.log", "finished")
     assert log.splitlines()[0] == repr(args)
     assert (tmp_path / "alignjax" / "logs" / "run.pid").read_text().strip().isdigit()
+    assert _wait_for(tmp_path / "alignjax" / "logs" / "run.exit", "0").strip() == "0"
 
 
 def test_restart_loop_restarts_after_sigterm_exit_but_not_after_usage_error(tmp_path):
@@ -246,6 +246,7 @@ def test_restart_loop_restarts_after_sigterm_exit_but_not_after_usage_error(tmp_
     _run_remote(line, tmp_path)
     log_path = tmp_path / "alignjax" / "logs" / f"bad.{socket.gethostname()}.log"
     _wait_for(log_path, "tried")
+    assert _wait_for(tmp_path / "alignjax" / "logs" / "bad.exit", "2").strip() == "2"
     time.sleep(1)
     assert log_path.read_text().splitlines() == ["tried"]
 
@@ -264,6 +265,91 @@ def test_stop_line_terminates_the_job_group(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     assert not (tmp_path / "alignjax" / "logs" / "run.pid").exists()
+
+
+# ---- supervise: a preempted pod is created again and the job restarted ----------------------
+
+POD = ["--name", "pod", "--zone", "z", "--accelerator-type", "v5p-64", "--spot"]
+JOB = ["alignjax", "train", "--config", "configs/sft.py:llama3_8b", "--workdir", "runs/sft8b"]
+
+
+def test_supervise_dry_run_prints_one_recovery_in_the_verbs_own_lines():
+    out = dry("supervise", *POD, "--", *JOB)
+    assert out[0] == "gcloud compute tpus queued-resources describe pod --zone=z '--format=value(state.state)'"
+    assert out[1].startswith(f"{SSH} pod --zone=z --worker=0 --command ")
+    assert out[2:4] == dry("delete", *POD[:4]) + dry("create", *POD)
+    assert out[4:7] == dry("copy", *POD[:4])
+    assert out[7:] == dry("setup", *POD[:4]) + dry("run", *POD[:4], "--restart", "--", *JOB)
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A stand-in for gcloud: logs each call; describe and worker-0 status answer from scripted lists.
+echo "$*" >> "$FAKE_DIR/calls"
+pop() { local first; first=$(head -n 1 "$FAKE_DIR/$1"); sed -i 1d "$FAKE_DIR/$1"; echo "$first"; }
+case "$*" in
+  *"queued-resources describe"*)
+    state=$(pop states)
+    if [ "$state" = GONE ]; then echo "ERROR: (gcloud) NOT_FOUND: pod" >&2; exit 1; fi
+    echo "$state" ;;
+  *"--worker=0 --command"*) pop jobs ;;
+esac
+"""
+
+
+def _supervise(tmp_path, states, jobs, *flags):
+    """Runs `supervise` against the fake gcloud; returns (rc, stdout, stderr, calls as tags)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    (tmp_path / "states").write_text("\n".join(states) + "\n")
+    (tmp_path / "jobs").write_text("\n".join(jobs) + "\n")
+    rc, out, err = launch("supervise", *POD, "--poll", "0", *flags, "--", *JOB, env={
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
+        "TMPDIR": str(tmp_path)})
+    calls = (tmp_path / "calls").read_text().splitlines()
+
+    def tag(call):
+        words = call.split()
+        if words[2] == "queued-resources":
+            return words[3]  # describe, delete, create
+        if words[3] == "scp":
+            return "scp"
+        command = call.split(" --command ", 1)[1]
+        return ("status" if "--worker=0" in call else "copy" if "tar -xzf" in command
+                else "setup" if "pip install" in command else "start" if "setsid" in command else command)
+    return rc, out, err, [tag(c) for c in calls], calls
+
+
+def test_supervise_recreates_a_preempted_pod_and_ends_with_the_job(tmp_path):
+    states = ["ACTIVE", "ACTIVE", "SUSPENDED", "WAITING_FOR_RESOURCES", "GONE", "PROVISIONING",
+              "ACTIVE", "ACTIVE"]
+    jobs = ["none", "running", "none", "exit:0"]
+    rc, out, err, tags, calls = _supervise(tmp_path, states, jobs)
+    assert rc == 0, err
+    start = ["scp", "copy", "setup", "start"]
+    assert tags == (["describe", "status", *start, "describe", "status",
+                     "describe", "delete", "create",             # SUSPENDED: delete, create again
+                     "describe", "describe", "create",           # waiting; GONE: create only
+                     "describe", "describe", "status", *start,   # ACTIVE again: copy, setup, start
+                     "describe", "status"])                      # the job finished
+    # The job runs inside `run --restart`'s retry loop, so a preempted process resumes on its VM.
+    run_line = dry("run", *POD[:4], "--restart", "--", *JOB)[0]
+    assert [c for c, t in zip(calls, tags) if t == "start"] == [" ".join(shlex.split(run_line)[1:])] * 2
+    assert [c for c, t in zip(calls, tags) if t == "create"] == [
+        " ".join(shlex.split(dry("create", *POD)[0])[1:])] * 2
+    assert out[-1] == "launch: pod: job run finished with exit 0"
+    assert "launch: pod is SUSPENDED: creating it again (1/10)" in out
+    assert "launch: pod is GONE: creating it again (2/10)" in out
+
+
+def test_supervise_passes_on_the_jobs_exit_code_and_gives_up_after_max_recreations(tmp_path):
+    rc, out, err, tags, _ = _supervise(tmp_path / "a", ["ACTIVE"], ["exit:3"])
+    assert rc == 3 and tags == ["describe", "status"]
+    rc, out, err, tags, _ = _supervise(tmp_path / "b", ["FAILED", "SUSPENDED", "FAILED"], [],
+                                       "--max-recreations", "2")
+    assert rc == 2 and tags == ["describe", "delete", "create"] * 2 + ["describe"]
+    assert "supervise: pod is FAILED after 2 recreations (--max-recreations)" in err.splitlines()[-1]
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -293,6 +379,13 @@ def test_stop_line_terminates_the_job_group(tmp_path):
      "sweep: could not expand nope.py"),
     (["run", "--name", "pod", "--zone", "z", "--max-restarts", "x", "--", "true"],
      "--max-restarts 'x': give a non-negative integer"),
+    (["supervise", "--name", "pod", "--zone", "z", "--", "true"],
+     "supervise: --accelerator-type is required"),
+    (["supervise", "--name", "pod", "--zone", "z", "--accelerator-type", "v5p-8", "--direct", "--", "true"],
+     "supervise: needs a queued resource"),
+    (["supervise", "--name", "pod", "--zone", "z", "--accelerator-type", "v5p-8"],
+     "supervise: give the command after --"),
+    (["supervise", "--name", "pod", "--zone", "z", "--poll", "-1", "--", "true"], "--poll '-1': give a non-negative integer"),
 ])
 def test_bad_input_one_line_nonzero_exit(args, message):
     rc, out, err = launch(*args[:1], "--dry-run", *args[1:]) if args else launch()
