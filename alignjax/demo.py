@@ -5,9 +5,11 @@
     3. a reward model (Bradley-Terry) from the SFT model on the toy preference pairs
     4. DPO from the SFT model on the same pairs: implicit-reward accuracy, checker accuracy, and
        generation-based eval during training (eval/win_rate_vs_start against the SFT answers)
-    5. win rates of DPO against SFT, judged by the checker, the reward model and a small LLM judge
-       trained here on toy judge prompts (both orders); training curves under each run's plots/
-    6. export to Hugging Face format and generation / scoring with transformers
+    5. PPO from the SFT model with the reward model as the reward (RLHF): the reward model's score
+       of the rollouts beside the checker's accuracy, which the reward model only approximates
+    6. win rates of DPO and of PPO against SFT, judged by the checker, the reward model and a small
+       LLM judge trained here on toy judge prompts (both orders); curves under each run's plots/
+    7. export to Hugging Face format and generation / scoring with transformers
 
 Every stage writes to WORKDIR so the results can be inspected (and TensorBoard pointed at it).
 Running it again reuses the stages that finished (their checkpoints and metrics.jsonl) and
@@ -17,9 +19,12 @@ prints the same results table; delete WORKDIR to start from scratch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
+
+PPO_STEPS = 50  # of the tiny preset's 100: about two minutes on two CPU cores
 
 
 def _banner(text: str):
@@ -84,7 +89,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     overrides = [f"train.steps={sft_steps}"] if sft_steps else []
     config = load_config("configs/sft.py:tiny", overrides)
 
-    _banner("1/6  SFT of a tiny Llama on the toy instruction suite (from scratch)")
+    _banner("1/7  SFT of a tiny Llama on the toy instruction suite (from scratch)")
     run_ = build_run(config, sft_dir)
     print(f"model: {run_.model_config.num_params():,} parameters, vocab {len(run_.tokenizer)}, "
           f"mesh {dict(run_.mesh.shape)} over {jax.device_count()} devices")
@@ -93,7 +98,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     print(f"checker accuracy before SFT (random weights): {before['accuracy']:.1%}")
     _, sft_params = _stage("SFT", config, sft_dir, reused, run_)
 
-    _banner("2/6  Held-out checker accuracy of greedy answers")
+    _banner("2/7  Held-out checker accuracy of greedy answers")
     after = toy_accuracy(run_.module, sft_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     print(f"before SFT: {before['accuracy']:.1%}   after SFT: {after['accuracy']:.1%}   "
           f"(by task: {', '.join(f'{k} {v:.0%}' for k, v in after['by_task'].items())})")
@@ -101,7 +106,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     results["sft"] = {"before": before["accuracy"], "after": after["accuracy"],
                       "params": run_.model_config.num_params(), "steps": int(config.train.steps)}
 
-    _banner("3/6  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
+    _banner("3/7  Reward model (Bradley-Terry) from the SFT model on toy preference pairs")
     rm_dir = os.path.join(workdir, "reward")
     from_sft = [f"model.init_from={sft_dir}", "tokenizer.path="]
     rm_cfg = load_config("configs/reward.py:tiny", from_sft)
@@ -111,7 +116,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     results["reward"] = {"accuracy": rm["eval/accuracy"], "steps": int(rm_cfg.train.steps),
                          "batch_size": int(rm_cfg.train.batch_size)}
 
-    _banner("4/6  DPO from the SFT model on the same pairs")
+    _banner("4/7  DPO from the SFT model on the same pairs")
     dpo_dir = os.path.join(workdir, "dpo")
     dpo_cfg = load_config("configs/dpo.py:tiny", from_sft + [
         "train.eval_generate_every=50", "train.eval_reward=toy", "train.eval_generate_num=64"])
@@ -125,10 +130,31 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
                       "checker_accuracy": dpo_acc["accuracy"], "loss": dpo_cfg.dpo.loss_type,
                       "beta": float(dpo_cfg.dpo.beta), "steps": int(dpo_cfg.train.steps)}
 
-    _banner("5/6  Win rates of DPO against SFT: the checker, the reward model, a small LLM judge")
-    results["winrates"] = _winrates(workdir, sft_dir, dpo_dir, rm_dir, reused, eval_n)
+    _banner("5/7  PPO from the SFT model, the reward model as the reward (RLHF)")
+    ppo_dir = os.path.join(workdir, "ppo")
+    ppo_cfg = load_config("configs/ppo.py:tiny", [
+        f"model.init_from={sft_dir}", f"ppo.reward={rm_dir}", f"train.steps={PPO_STEPS}",
+        "train.eval_every=0", "train.eval_generate_every=25", "train.eval_reward=toy",
+        "train.eval_generate_num=64"])
+    print(f"policy and value from the SFT and reward models; {int(ppo_cfg.train.batch_size)} "
+          f"rollouts a step, kl_coef {ppo_cfg.ppo.kl_coef}; the checker is only watched (eval/reward_mean)")
+    _stage("PPO", ppo_cfg, ppo_dir, reused)
+    from alignjax.model.store import load_model
+    ppo_params = load_model(ppo_dir, run_.mesh, run_.rules).params
+    ppo_acc = toy_accuracy(run_.module, ppo_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
+    results["ppo"] = dict(_ppo_summary(ppo_dir), checker_accuracy=ppo_acc["accuracy"],
+                          steps=int(ppo_cfg.train.steps), batch_size=int(ppo_cfg.train.batch_size))
+    r = results["ppo"]
+    print(f"reward-model score of the rollouts: {r['score_first']:+.3f} (first {r['window']} steps) -> "
+          f"{r['score_last']:+.3f} (last {r['window']}); KL to the SFT model {r['kl_last']:.3f}")
+    print(f"checker accuracy of greedy answers: SFT {after['accuracy']:.1%} -> PPO {ppo_acc['accuracy']:.1%}")
+    _show_samples(ppo_acc["samples"])
 
-    _banner("6/6  Export to Hugging Face; generate and score with transformers")
+    _banner("6/7  Win rates of DPO and PPO against SFT: the checker, the reward model, a small LLM judge")
+    results["winrates"] = _winrates(workdir, sft_dir, {"DPO": dpo_dir, "PPO": ppo_dir}, rm_dir, reused,
+                                    eval_n)
+
+    _banner("7/7  Export to Hugging Face; generate and score with transformers")
     for name in ("hf_dpo", "hf_reward"):  # the demo's own exports: redone from the runs each time
         shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     results["hf_generation_matches"] = _export_and_generate(dpo_dir, os.path.join(workdir, "hf_dpo"),
@@ -144,10 +170,23 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     return results
 
 
-def _winrates(workdir: str, sft_dir: str, dpo_dir: str, rm_dir: str, reused: list,
+def _ppo_summary(ppo_dir: str, window: int = 10) -> dict:
+    """The reward model's mean score of the rollouts logged in the first and in the last `window`
+    steps, and the last logged KL, from the PPO run's metrics.jsonl."""
+    import numpy as np
+    from alignjax.train.metrics import read_metrics
+    rows = [r for r in read_metrics(ppo_dir) if "objective/scores" in r]
+    end = rows[-1]["step"]
+    first = [r["objective/scores"] for r in rows if r["step"] <= window]
+    last = [r["objective/scores"] for r in rows if r["step"] > end - window]
+    return dict(score_first=float(np.mean(first)), score_last=float(np.mean(last)),
+                kl_last=float(rows[-1]["objective/kl"]), window=window)
+
+
+def _winrates(workdir: str, sft_dir: str, models: dict, rm_dir: str, reused: list,
               eval_n: int) -> list[dict]:
-    """DPO vs SFT on the held-out toy prompts, judged three ways (`alignjax eval winrate`)."""
-    import json
+    """Each of `models` ({name: dir}) against SFT on the held-out toy prompts, judged three ways
+    (`alignjax eval winrate`); a finished comparison (its winrate.json) is read back."""
     from alignjax.config import load_config
     from alignjax.eval import toy_judge
     from alignjax.eval.run import eval_winrate
@@ -169,23 +208,38 @@ def _winrates(workdir: str, sft_dir: str, dpo_dir: str, rm_dir: str, reused: lis
     _stage("LLM judge", judge_cfg, judge_dir, reused)
     sampling = SamplingParams(max_new_tokens=24, temperature=0.0)
     rows = []
-    for judge, template in (("toy", "vanilla"), (f"reward:{rm_dir}", "vanilla"),
-                            (f"llm:{judge_dir}", "vanilla")):
-        name = judge.split(":")[0]
-        r = eval_winrate(dpo_dir, sft_dir, "toy", judge, os.path.join(workdir, "winrate", name),
-                         sampling, template=template, chat=True, num_prompts=eval_n)
-        j = r["judge"]
-        rows.append(dict(judge={"toy": "checker", "reward": "reward model",
-                                "llm": "LLM judge (both orders)"}[name],
-                         wins=r["wins"], ties=r["ties"], losses=r["losses"],
-                         adjusted=r["adjusted_win_rate"], ci=r["adjusted_win_rate_ci95"],
-                         lc=r["length_controlled_win_rate"], consistency=j.get("positional_consistency")))
-        print(f"  {rows[-1]['judge']:26} wins {r['wins']:3}  ties {r['ties']:3}  losses "
-              f"{r['losses']:3}  adjusted win rate {r['adjusted_win_rate']:.1%}"
-              + (f"  (the judge's two orders agree on {j['positional_consistency']:.0%} of pairs)"
-                 if j.get("positional_consistency") is not None else ""))
-    print(f"tables, JSON and PNGs: {workdir}/winrate/*/; training curves: {workdir}/*/plots/")
+    for model_name, model_dir in models.items():
+        for judge in ("toy", f"reward:{rm_dir}", f"llm:{judge_dir}"):
+            name = judge.split(":")[0]
+            out = os.path.join(workdir, "winrate", model_name.lower(), name)
+            r = _read_winrate(out, model_dir, sft_dir, eval_n)
+            if r is None:
+                r = eval_winrate(model_dir, sft_dir, "toy", judge, out, sampling, template="vanilla",
+                                 chat=True, num_prompts=eval_n)
+            j = r["judge"]
+            rows.append(dict(model=model_name, judge={"toy": "checker", "reward": "reward model",
+                                                      "llm": "LLM judge (both orders)"}[name],
+                             wins=r["wins"], ties=r["ties"], losses=r["losses"],
+                             adjusted=r["adjusted_win_rate"], ci=r["adjusted_win_rate_ci95"],
+                             lc=r["length_controlled_win_rate"],
+                             consistency=j.get("positional_consistency")))
+            print(f"  {model_name} vs SFT, {rows[-1]['judge']:26} wins {r['wins']:3}  ties {r['ties']:3}  "
+                  f"losses {r['losses']:3}  adjusted win rate {r['adjusted_win_rate']:.1%}"
+                  + (f"  (the judge's two orders agree on {j['positional_consistency']:.0%} of pairs)"
+                     if j.get("positional_consistency") is not None else ""))
+    print(f"tables, JSON and PNGs: {workdir}/winrate/*/*/; training curves: {workdir}/*/plots/")
     return rows
+
+
+def _read_winrate(out: str, model_dir: str, sft_dir: str, eval_n: int) -> dict | None:
+    """The winrate.json an earlier demo wrote for the same models and prompt count, else None."""
+    try:
+        with open(os.path.join(out, "winrate.json")) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = (r.get("model"), r.get("baseline"), r.get("wins", 0) + r.get("ties", 0) + r.get("losses", 0))
+    return r if same == (model_dir, sft_dir, eval_n) else None
 
 
 def results_table(r: dict) -> str:
@@ -200,12 +254,21 @@ def results_table(r: dict) -> str:
         (f"{r['dpo']['loss']} (β = {r['dpo']['beta']:g}) from the SFT model, {r['dpo']['steps']} steps",
          f"implicit-reward accuracy {r['dpo']['implicit_accuracy']:.1%}; checker accuracy "
          f"{r['sft']['after']:.1%} → {r['dpo']['checker_accuracy']:.1%}"),
+    ]
+    if "ppo" in r:
+        p = r["ppo"]
+        rows.append((f"PPO from the SFT model, the reward model as the reward, {p['steps']} steps of "
+                     f"{p['batch_size']} rollouts",
+                     f"reward-model score of the rollouts {p['score_first']:+.2f} → {p['score_last']:+.2f}; "
+                     f"KL {p['kl_last']:.2f}; checker accuracy {r['sft']['after']:.1%} → "
+                     f"{p['checker_accuracy']:.1%}"))
+    rows += [
         ("export to HF", "transformers' greedy answers and reward scores equal alignjax's" if hf else
          f"MISMATCH: generation {'same' if r['hf_generation_matches'] else 'differs'}, "
          f"reward {'same' if r['hf_reward_matches'] else 'differs'}"),
     ]
     for w in r.get("winrates", []):
-        rows.insert(-1, (f"DPO vs SFT, judged by the {w['judge']}",
+        rows.insert(-1, (f"{w.get('model', 'DPO')} vs SFT, judged by the {w['judge']}",
                          f"wins / ties / losses {w['wins']} / {w['ties']} / {w['losses']}; "
                          f"adjusted win rate {w['adjusted']:.1%} "
                          f"[{w['ci'][0]:.1%}, {w['ci'][1]:.1%}]"))

@@ -5,7 +5,7 @@ import json
 import os
 
 from alignjax.config import load_config
-from alignjax.demo import _finished, results_table
+from alignjax.demo import _finished, _ppo_summary, _read_winrate, results_table
 
 
 def _run_dir(tmp_path, rows, checkpoints):
@@ -55,3 +55,40 @@ def test_results_table():
     assert lines[5] == ("| DPO vs SFT, judged by the checker | wins / ties / losses 3 / 193 / 4; "
                         "adjusted win rate 49.8% [48.5%, 51.0%] |")
     assert lines[6].startswith("| export to HF |")
+
+
+def test_results_table_with_ppo_and_its_win_rates():
+    r = {"sft": {"before": 0.0, "after": 0.865, "params": 722048, "steps": 600},
+         "reward": {"accuracy": 0.91, "steps": 1200, "batch_size": 32},
+         "dpo": {"implicit_accuracy": 0.935, "checker_accuracy": 0.86, "loss": "dpo+sft",
+                 "beta": 1.0, "steps": 100},
+         "ppo": {"score_first": -0.1234, "score_last": 0.4567, "kl_last": 0.0891, "window": 10,
+                 "checker_accuracy": 0.83, "steps": 50, "batch_size": 64},
+         "hf_generation_matches": True, "hf_reward_matches": True,
+         "winrates": [dict(model=m, judge="checker", wins=w, ties=190, losses=10 - w, adjusted=0.5,
+                           ci=(0.48, 0.52)) for m, w in (("DPO", 3), ("PPO", 2))]}
+    lines = results_table(r).splitlines()
+    assert lines[5] == ("| PPO from the SFT model, the reward model as the reward, 50 steps of 64 rollouts | "
+                        "reward-model score of the rollouts -0.12 → +0.46; KL 0.09; checker accuracy "
+                        "86.5% → 83.0% |")
+    assert lines[6].startswith("| DPO vs SFT, judged by the checker | wins / ties / losses 3 / 190 / 7;")
+    assert lines[7].startswith("| PPO vs SFT, judged by the checker | wins / ties / losses 2 / 190 / 8;")
+    assert lines[8].startswith("| export to HF |")
+
+
+def test_ppo_summary_averages_the_first_and_last_window(tmp_path):
+    rows = [{"step": s, "objective/scores": float(s), "objective/kl": s / 100} for s in range(5, 55, 5)]
+    rows.insert(3, {"step": 20, "eval/reward_mean": 0.5})  # rows without a score are skipped
+    wd = _run_dir(tmp_path, rows, checkpoints=(50,))
+    assert _ppo_summary(wd, window=10) == dict(score_first=7.5, score_last=47.5, kl_last=0.5, window=10)
+
+
+def test_win_rates_are_read_back_only_for_the_same_models(tmp_path):
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "winrate.json").write_text(json.dumps({"model": "runs/ppo", "baseline": "runs/sft",
+                                                  "wins": 1, "ties": 2, "losses": 1}))
+    assert _read_winrate(str(out), "runs/ppo", "runs/sft", 4)["wins"] == 1
+    assert _read_winrate(str(out), "runs/dpo", "runs/sft", 4) is None
+    assert _read_winrate(str(out), "runs/ppo", "runs/sft", 200) is None
+    assert _read_winrate(str(tmp_path / "none"), "runs/ppo", "runs/sft", 4) is None
