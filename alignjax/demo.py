@@ -24,7 +24,11 @@ import os
 import shutil
 import time
 
-PPO_STEPS = 50  # of the tiny preset's 100: about two minutes on two CPU cores
+# PPO against the reward model: 50 of the tiny preset's 100 steps (about two minutes on two CPU
+# cores), the reward model's scores standardised by its own statistics and a 2x lower learning
+# rate than the checker-reward preset's. With the preset as it is (raw scores, lr 1e-4) the policy
+# ran to KL 11.6 within 10 steps and the checker's accuracy fell from 86.5% to 40% (see README).
+PPO_OVERRIDES = ("train.steps=50", "ppo.reward_normalize=True", "optimizer.lr=5e-5")
 
 
 def _banner(text: str):
@@ -133,8 +137,7 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     _banner("5/7  PPO from the SFT model, the reward model as the reward (RLHF)")
     ppo_dir = os.path.join(workdir, "ppo")
     ppo_cfg = load_config("configs/ppo.py:tiny", [
-        f"model.init_from={sft_dir}", f"ppo.reward={rm_dir}", f"train.steps={PPO_STEPS}",
-        "train.eval_every=0", "train.eval_generate_every=25", "train.eval_reward=toy",
+        f"model.init_from={sft_dir}", f"ppo.reward={rm_dir}", *PPO_OVERRIDES, "train.eval_every=0", "train.eval_generate_every=25", "train.eval_reward=toy",
         "train.eval_generate_num=64"])
     print(f"policy and value from the SFT and reward models; {int(ppo_cfg.train.batch_size)} "
           f"rollouts a step, kl_coef {ppo_cfg.ppo.kl_coef}; the checker is only watched (eval/reward_mean)")
@@ -148,6 +151,9 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     print(f"reward-model score of the rollouts: {r['score_first']:+.3f} (first {r['window']} steps) -> "
           f"{r['score_last']:+.3f} (last {r['window']}); KL to the SFT model {r['kl_last']:.3f}")
     print(f"checker accuracy of greedy answers: SFT {after['accuracy']:.1%} -> PPO {ppo_acc['accuracy']:.1%}")
+    if r["score_last"] > r["score_first"] and ppo_acc["accuracy"] < after["accuracy"]:
+        print("the reward model's score rose while the checker's accuracy fell: reward hacking (the "
+              "reward model is a learned, imperfect proxy for the checker)")
     _show_samples(ppo_acc["samples"])
 
     _banner("6/7  Win rates of DPO and PPO against SFT: the checker, the reward model, a small LLM judge")
