@@ -146,7 +146,8 @@ def run(workdir: str, sft_steps: int | None = None, eval_n: int = 200) -> dict:
     ppo_params = load_model(ppo_dir, run_.mesh, run_.rules).params
     ppo_acc = toy_accuracy(run_.module, ppo_params, run_.mesh, run_.rules, run_.tokenizer, n=eval_n)
     results["ppo"] = dict(_ppo_summary(ppo_dir), checker_accuracy=ppo_acc["accuracy"],
-                          steps=int(ppo_cfg.train.steps), batch_size=int(ppo_cfg.train.batch_size))
+                          steps=int(ppo_cfg.train.steps), batch_size=int(ppo_cfg.train.batch_size),
+                          standardised=bool(ppo_cfg.ppo.reward_normalize))
     r = results["ppo"]
     print(f"reward-model score of the rollouts: {r['score_first']:+.3f} (first {r['window']} steps) -> "
           f"{r['score_last']:+.3f} (last {r['window']}); KL to the SFT model {r['kl_last']:.3f}")
@@ -265,7 +266,8 @@ def results_table(r: dict) -> str:
         p = r["ppo"]
         rows.append((f"PPO from the SFT model, the reward model as the reward, {p['steps']} steps of "
                      f"{p['batch_size']} rollouts",
-                     f"reward-model score of the rollouts {p['score_first']:+.2f} → {p['score_last']:+.2f}; "
+                     f"reward-model score{' (standardised)' if p.get('standardised') else ''} of the "
+                     f"rollouts {p['score_first']:+.2f} → {p['score_last']:+.2f}; "
                      f"KL {p['kl_last']:.2f}; checker accuracy {r['sft']['after']:.1%} → "
                      f"{p['checker_accuracy']:.1%}"))
     rows += [

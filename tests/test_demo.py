@@ -63,13 +63,13 @@ def test_results_table_with_ppo_and_its_win_rates():
          "dpo": {"implicit_accuracy": 0.935, "checker_accuracy": 0.86, "loss": "dpo+sft",
                  "beta": 1.0, "steps": 100},
          "ppo": {"score_first": -0.1234, "score_last": 0.4567, "kl_last": 0.0891, "window": 10,
-                 "checker_accuracy": 0.83, "steps": 50, "batch_size": 64},
+                 "checker_accuracy": 0.83, "steps": 50, "batch_size": 64, "standardised": True},
          "hf_generation_matches": True, "hf_reward_matches": True,
          "winrates": [dict(model=m, judge="checker", wins=w, ties=190, losses=10 - w, adjusted=0.5,
                            ci=(0.48, 0.52)) for m, w in (("DPO", 3), ("PPO", 2))]}
     lines = results_table(r).splitlines()
     assert lines[5] == ("| PPO from the SFT model, the reward model as the reward, 50 steps of 64 rollouts | "
-                        "reward-model score of the rollouts -0.12 → +0.46; KL 0.09; checker accuracy "
+                        "reward-model score (standardised) of the rollouts -0.12 → +0.46; KL 0.09; checker accuracy "
                         "86.5% → 83.0% |")
     assert lines[6].startswith("| DPO vs SFT, judged by the checker | wins / ties / losses 3 / 190 / 7;")
     assert lines[7].startswith("| PPO vs SFT, judged by the checker | wins / ties / losses 2 / 190 / 8;")
