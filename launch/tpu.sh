@@ -24,7 +24,8 @@ verbs:
   sweep     --sweep FILE --workdir DIR: the sweep's runs one after another on the pod, or spread
             round-robin over several pods with --name a,b,c
   logs      the last --lines lines of every worker's log of --job
-  check     per worker: is the job alive, which processes hold the TPU
+  check     per worker: is the job running, finished (with its exit code) or stopped, and which
+            processes hold the TPU
   ssh       a shell (or -- COMMAND) on --worker (default 0)
   stop      SIGTERM the job (it checkpoints and exits 143), then kill -9 whatever still holds
             /dev/accel* or /dev/vfio/* so the next run can start
@@ -306,7 +307,7 @@ case $VERB in
     else
       qr_state
     fi
-    on_all "$NAME" "p=\$(cat $REMOTE_DIR/logs/$JOB.pid 2>/dev/null); if [ -n \"\$p\" ] && kill -0 \"\$p\" 2>/dev/null; then s=running; else s=stopped; fi; echo \"\$(hostname): $JOB \$s; TPU held by: \$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | tr '\\n' ' ')\""
+    on_all "$NAME" "p=\$(cat $REMOTE_DIR/logs/$JOB.pid 2>/dev/null); if [ -f $REMOTE_DIR/logs/$JOB.exit ]; then s=\"finished (exit \$(cat $REMOTE_DIR/logs/$JOB.exit))\"; elif [ -n \"\$p\" ] && kill -0 \"\$p\" 2>/dev/null; then s=running; else s=stopped; fi; echo \"\$(hostname): $JOB \$s; TPU held by: \$(sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | sort -u | tr '\\n' ' ')\""
     ;;
   ssh)
     if [[ ${#CMD[@]} -gt 0 ]]; then

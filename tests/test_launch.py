@@ -402,3 +402,13 @@ def test_shellcheck_clean():
     assert scripts
     p = subprocess.run([exe, "--severity=style", *scripts], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_check_line_reports_a_finished_job_with_its_exit_code(tmp_path):
+    (tmp_path / "alignjax").mkdir()
+    _run_remote(dry("run", "--name", "pod", "--zone", "z", "--", "bash", "-c", "exit 7")[0], tmp_path)
+    _wait_for(tmp_path / "alignjax" / "logs" / "run.exit", "7")
+    line = dry("check", "--name", "pod", "--zone", "z")[1].replace("sudo lsof", "true")  # no sudo here
+    out = subprocess.run(["bash", "-c", remote_command(line)], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "HOME": str(tmp_path)}, timeout=60).stdout
+    assert out.strip() == f"{socket.gethostname()}: run finished (exit 7); TPU held by:"
