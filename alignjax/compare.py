@@ -110,9 +110,6 @@ def settings(config) -> Settings:
     extra = sorted(set(c.overrides.keys()) - set(METHODS))
     if extra:
         errors.append(f"compare.overrides.{extra[0]}: not a method; choose from {', '.join(METHODS)}")
-    if not isinstance(c.conditional_threshold, (int, float)) or isinstance(c.conditional_threshold, bool):
-        errors.append(f"compare.conditional_threshold={c.conditional_threshold!r}: the reward at or "
-                      "above which a sample earns <|good|>, a number")
     if errors:
         raise ConfigError(errors[0] if len(errors) == 1 else "invalid config:\n  - " + "\n  - ".join(errors))
     overrides = {k: tuple(c.overrides[k]) for k in c.overrides.keys()}

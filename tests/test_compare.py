@@ -96,9 +96,13 @@ def test_sampling_methods_train_on_their_own_data(tmp_path):
     (("compare.methods=dpo,dpo",), "names a method twice"),
     (("compare.start=",), "compare.start is empty"),
     (("compare.steps=1",), "compare.steps=1"),
-    (("compare.conditional_threshold='high'",), "compare.conditional_threshold='high'"),
 ])
 def test_bad_comparison_configs_name_the_key(overrides, message):
     config = load_config("configs/compare.py:toy", ["compare.start=runs/sft", *overrides])
     with pytest.raises(ConfigError, match=message):
         compare.settings(config)
+
+
+def test_conditional_threshold_must_be_a_number():
+    with pytest.raises(ConfigError, match="compare.conditional_threshold.*expected a number"):
+        load_config("configs/compare.py:toy", ["compare.start=runs/sft", "compare.conditional_threshold=high"])
