@@ -42,8 +42,10 @@ demo: $(VENV)/.installed-demo
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))
 
+# --durations: the slowest tests are listed at the end, so the suite's budget (25 minutes on a
+# fresh 2-core clone) can be watched from any CI log.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 # The development tier: everything but the tests marked slow (training runs, CLI end to end).
 test-fast: $(VENV)/.installed-test

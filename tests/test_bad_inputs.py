@@ -173,8 +173,8 @@ ROWS = [
     ("generate-no-prompt", "generate --model {wd}", ["--prompt"]),
     ("generate-int-flag", "generate --model {wd} --prompt hi --max-new-tokens many",
      ["--max-new-tokens", "'many'"]),
-    ("sample-bad-mode", "sample --model {wd} --prompts toy --reward toy --out {out}.jsonl --mode all",
-     ["--mode", "'all'"]),
+    ("sample-bad-mode", "sample --model {wd} --prompts toy --reward toy --out {out}.jsonl --mode every",
+     ["--mode", "'every'"]),
     ("bench-bad-what", "bench backward", ["'backward'"]),
     # -- already clear: config files, presets, overrides
     ("config-missing-file", "train --config configs/nope.py --workdir {fresh}",

@@ -28,12 +28,6 @@ def test_oversized_does_not_fit(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
 
 
-def test_dpo_with_colocated_reference_fits_v5p_64(capsys):
-    cli_main(["compile", "--config", "configs/dpo.py:llama2_7b", "--topology", "v5p-64"])
-    out = capsys.readouterr().out
-    assert "FITS" in out and "DOES NOT FIT" not in out
-
-
 def test_tr_dpo_step_compiles_with_the_reference_in_the_state(capsys):
     cli_main(["compile", "--config", "configs/dpo.py:tiny", "--topology", "v5p-8",
               "--config.dpo.ref_refresh_every=4"])
