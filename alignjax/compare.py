@@ -222,6 +222,7 @@ def evaluate(model_dir: str, s: Settings, best_of: int = 0, condition: str | Non
     from alignjax import sharding as shd
     from alignjax.eval.toy import toy_eval_examples
     from alignjax.data import toy
+    from alignjax.conditional import generation_setup
     from alignjax.model.generate import Generator, SamplingParams
     from alignjax.model.store import load_model
     from alignjax.model.tokenize import encode_prompts, load_model_tokenizer
@@ -231,11 +232,9 @@ def evaluate(model_dir: str, s: Settings, best_of: int = 0, condition: str | Non
     tokenizer = load_model_tokenizer(model, model_dir)
     examples = toy_eval_examples(s.eval_prompts)
     prompts = [e.prompt for e in examples]
-    ids, blocked = encode_prompts(tokenizer, prompts, chat=True), ()
-    if condition is not None:
-        from alignjax.conditional import generation_setup
-        ids, blocked = generation_setup(tokenizer, prompts, condition, chat=True,
-                                        vocab_size=model.config.vocab_size)
+    # Plain prompts, or prefixed by the condition's control token; control tokens never generated.
+    ids, blocked = generation_setup(tokenizer, prompts, condition, chat=True,
+                                    vocab_size=model.config.vocab_size)
     gen = Generator(model.module, mesh, model.rules, eos_ids=stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id, blocked_ids=blocked)
     if best_of:

@@ -336,13 +336,8 @@ def _count_rated(source: Any, cfg: Mapping[str, Any], kind: str, counter: Length
                  invalid: Sequence[str]) -> list[str]:
     """Add the examples ``data.from_ratings`` builds from ``source`` to ``counter``; returns the
     invalid rated records not already in ``invalid``."""
-    from alignjax.data.pipeline import _get
-    from alignjax.data.ratings import RatedSource, _check_rule
-    rule = _get(cfg, "from_ratings", "")
-    _check_rule(rule, kind)
-    rated = RatedSource(source, rule, min_margin=float(_get(cfg, "min_margin", 0.0)),
-                        seed=int(_get(cfg, "rating_seed", 0)),
-                        rating_key=_get(cfg, "rating_key", "") or "", skip_invalid=True)
+    from alignjax.data.ratings import rated_source
+    rated = rated_source(source, cfg, kind, skip_invalid=True)
     bad = []
     for n in range(len(rated)):
         try:

@@ -256,11 +256,13 @@ class RatedSource:
         return f"RatedSource({self.source!r}, {self.rule}, {len(self)} examples)"
 
 
-def rated_source(source: Any, cfg: Mapping[str, Any] | None, kind: str) -> Any:
+def rated_source(source: Any, cfg: Mapping[str, Any] | None, kind: str,
+                 skip_invalid: bool | None = None) -> Any:
     """``source`` unchanged, or wrapped in a ``RatedSource`` when ``cfg["from_ratings"]`` is set.
 
     Keys: ``from_ratings`` ("" | a rule), ``min_margin`` (0), ``rating_key`` (""),
-    ``rating_seed`` (0), ``rating_margin_scale`` (0: pairs carry margin 0), ``skip_invalid``.
+    ``rating_seed`` (0), ``rating_margin_scale`` (0: pairs carry margin 0), ``skip_invalid``
+    (unless the argument overrides it, as `data check` does to list bad records).
     """
     rule = _get(cfg, "from_ratings", "") or ""
     if not rule:
@@ -270,7 +272,8 @@ def rated_source(source: Any, cfg: Mapping[str, Any] | None, kind: str) -> Any:
                        seed=int(_get(cfg, "rating_seed", 0)),
                        rating_key=_get(cfg, "rating_key", "") or "",
                        margin_scale=float(_get(cfg, "rating_margin_scale", 0.0)),
-                       skip_invalid=bool(_get(cfg, "skip_invalid", False)))
+                       skip_invalid=(bool(_get(cfg, "skip_invalid", False)) if skip_invalid is None
+                                     else skip_invalid))
 
 
 def record_check(source: Any, check):
