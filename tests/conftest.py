@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(optionalhook=True)  # only with pytest-xdist: `make test` runs 2 workers
 def pytest_xdist_make_scheduler(config, log):
     """Whole modules go to one worker each, so module fixtures are built once, and the modules
-    that use a training fixture share one worker, so the session's SFT model is trained once."""
+    that use a training fixture share one worker, so the session's SFT model is trained once.
+    Keep tests that do not need a trained model out of those modules: they would wait in line."""
     from xdist.scheduler import LoadScopeScheduling
 
     here = pathlib.Path(__file__).parent
@@ -35,6 +36,13 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
             return "trained" if module in trained else module
+
+        def _assign_work_unit(self, node) -> None:
+            # The trained group is the longest serial chain: it starts first, on the first worker,
+            # while the others take the remaining modules (largest first, xdist's order).
+            if "trained" in self.workqueue:
+                self.workqueue.move_to_end("trained", last=False)
+            super()._assign_work_unit(node)
 
     return ByModule(config, log)
 

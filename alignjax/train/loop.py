@@ -232,6 +232,9 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                 if algo.eval_iterator and (step == steps or (eval_every and step % eval_every == 0)):
                     row.update(evaluate(eval_fn, state, frozen, algo, run, config))
                     clock = time.perf_counter()  # eval time is not training throughput
+                if step == steps and hasattr(algo.producer, "final_eval"):  # online: the trained model
+                    row.update(algo.producer.final_eval(state, step))
+                    clock = time.perf_counter()
                 if generation_eval is not None and generation_eval.due(step, steps):
                     row.update(generation_eval(state["params"][policy], step))
                     clock = time.perf_counter()

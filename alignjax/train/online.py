@@ -104,22 +104,27 @@ class SampleLog:
 class ToyEval:
     """Held-out greedy checker accuracy of the policy on the toy suite (alignjax.eval.toy) at
     steps 1, every + 1, 2 every + 1, ...: the producer runs before its step's updates, so these
-    measure the model after 0, every, 2 every, ... steps (`eval/toy_accuracy_step` says which)."""
+    measure the model after 0, every, 2 every, ... steps (`eval/toy_accuracy_step` says which).
+    The trained model, after the last step, is measured by Producer.final_eval in that step's row
+    (which this eval then leaves to it)."""
 
-    def __init__(self, roller, every: int, n: int = 200):
+    def __init__(self, roller, every: int, n: int = 200, last: int = 0):
         from alignjax.model.generate import Generator
-        self.every, self.n, self.roller = every, n, roller
+        self.every, self.n, self.roller, self.last = every, n, roller, last
         self.generator = Generator(roller.policy_module, roller.mesh, roller.rules,
                                    eos_ids=roller.eos_ids, pad_id=roller.pad_id)
 
     def __call__(self, step: int, policy_params) -> dict:
-        from alignjax.eval.toy import toy_accuracy
-        if not self.every or (step - 1) % self.every:
+        if not self.every or (step - 1) % self.every or step == self.last:
             return {}
+        return self.measure(step - 1, policy_params)
+
+    def measure(self, trained_steps: int, policy_params) -> dict:
+        from alignjax.eval.toy import toy_accuracy
         r = self.roller
         acc = toy_accuracy(r.policy_module, policy_params, r.mesh, r.rules, r.tokenizer, n=self.n,
                            generator=self.generator)
-        return {"eval/toy_accuracy": acc["accuracy"], "eval/toy_accuracy_step": float(step - 1)}
+        return {"eval/toy_accuracy": acc["accuracy"], "eval/toy_accuracy_step": float(trained_steps)}
 
 
 class Producer:
@@ -165,6 +170,13 @@ class Producer:
             self.pending = {}
         self.rollout_end = time.perf_counter()
         return update, metrics
+
+    def final_eval(self, state, step: int) -> dict:
+        """The toy eval of the trained model after the last step (the producer's evals measure
+        the model before each step's updates, so the last updates would go unmeasured)."""
+        if self.toy_eval is None or not self.toy_eval.every:
+            return {}
+        return self.toy_eval.measure(int(step), state["params"]["policy"])
 
 
 def check_rollout(s, section: str, mesh, rules, max_positions: int) -> None:
@@ -223,7 +235,7 @@ def build_producer(config, workdir: str, roller, s, prompts: PromptStream, proce
                    ) -> Producer:
     """The Producer with the run's sample log, toy eval (toy prompts) and log steps."""
     every = int(config.train.get("eval_every", 0) or 0)
-    toy_eval = ToyEval(roller, every) if s.prompts == "toy" and every else None
     log_every, steps = int(config.train.log_every), int(config.train.steps)
+    toy_eval = ToyEval(roller, every, last=steps) if s.prompts == "toy" and every else None
     return Producer(roller, s, prompts, process, SampleLog(workdir, every), toy_eval,
                     lambda step: step % log_every == 0 or step == steps)
