@@ -21,30 +21,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist: `make test` runs 2 workers
+@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist: `make test` runs several workers
 def pytest_xdist_make_scheduler(config, log):
-    """Whole modules go to one worker each, so module fixtures are built once, and the modules
-    that use a training fixture share one worker, so the session's SFT model is trained once.
-    Keep tests that do not need a trained model out of those modules: they would wait in line."""
+    """Whole modules go to one worker each, so module fixtures are built once. The session's SFT
+    model is trained once for all workers (`sft_run`): one module that uses it goes first, so its
+    training starts at once, and the other such modules follow after a few others, by when it is
+    nearly ready (a worker that takes one earlier waits for it, leaving the cores to the rest).
+    Keep tests that need no trained model out of those modules, and give each heavy fixture built
+    on it a module of its own: those modules then run side by side."""
     from xdist.scheduler import LoadScopeScheduling
 
     here = pathlib.Path(__file__).parent
-    trained = {p.relative_to(config.rootpath).as_posix() for p in here.glob("test_*.py")
-               if any(name in p.read_text() for name in TRAINING_FIXTURES)}
+    trained = sorted(p.relative_to(config.rootpath).as_posix() for p in here.glob("test_*.py")
+                     if any(name in p.read_text() for name in TRAINING_FIXTURES))
 
     class ByModule(LoadScopeScheduling):
+        ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "trained" if module in trained else module
+            return nodeid.split("::", 1)[0]
 
         def _assign_work_unit(self, node) -> None:
-            # The trained group is the longest serial chain: it starts first, on the first worker,
-            # while the others take the remaining modules (largest first, xdist's order).
-            if "trained" in self.workqueue:
-                self.workqueue.move_to_end("trained", last=False)
+            if not self.ordered:  # once, when the queue is first filled (largest modules first)
+                others = [scope for scope in self.workqueue if scope not in trained]
+                waiting = [scope for scope in trained if scope in self.workqueue]
+                order = waiting[:1] + others[:TRAINED_AFTER] + waiting[1:] + others[TRAINED_AFTER:]
+                for scope in reversed(order):
+                    self.workqueue.move_to_end(scope, last=False)
+                self.ordered = True
             super()._assign_work_unit(node)
 
     return ByModule(config, log)
+
+
+# Modules scheduled between the one that trains the SFT model and the others that use it.
+TRAINED_AFTER = 8
 
 
 @pytest.fixture(scope="session")
@@ -65,17 +76,30 @@ def spm_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sft_run(tmp_path_factory):
-    """The toy-suite SFT model of the demo (configs/sft.py:tiny), trained once per session.
+    """The toy-suite SFT model of the demo (configs/sft.py:tiny), trained once per session and
+    shared by every xdist worker (the first to need it trains it under a file lock; the others
+    wait, then read it).
 
     Returns (workdir, final metrics); reward-model and DPO tests start from it.
     """
-    from alignjax.train import run_training
+    import json
+
+    from filelock import FileLock
+
     from alignjax.config import load_config
+    from alignjax.train import run_training
 
     reuse = os.environ.get("ALIGNJAX_TEST_SFT_WORKDIR")  # developers: skip the ~5 min SFT run
-    workdir = pathlib.Path(reuse) if reuse else tmp_path_factory.mktemp("sft_tiny")
-    out = run_training(load_config("configs/sft.py:tiny", ["train.log_every=50"]), str(workdir))
-    return workdir, out
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's base directory, above each worker's own
+    workdir = pathlib.Path(reuse) if reuse else shared / "sft_tiny"
+    done = shared / "sft_tiny.json"
+    with FileLock(str(shared / "sft_tiny.lock")):
+        if not done.exists():
+            out = run_training(load_config("configs/sft.py:tiny", ["train.log_every=50"]), str(workdir))
+            done.write_text(json.dumps(out["metrics"]))
+    return workdir, json.loads(done.read_text())
 
 
 # A small model on the toy tokenizer, for tests whose point is the plumbing, not learning.

@@ -1,11 +1,10 @@
-"""Reward models and the DPO family, end to end on the toy suite, plus the reference modes."""
+"""The DPO family end to end on the toy suite from the session's SFT model, and the reference modes
+(reward models: test_reward_train.py; SLiC-HF and RRHF learning: test_ranking_train.py)."""
 
 import jax
 import numpy as np
 import pytest
-import torch
 
-from alignjax.cli import main as cli_main
 from alignjax.config import load_config
 from alignjax.model.store import load_model
 from alignjax.train import run_training
@@ -15,52 +14,6 @@ def _train(spec, workdir, init_from, overrides=()):
     config = load_config(spec, [f"model.init_from={init_from}", "tokenizer.path=",
                                 "train.log_every=25", *overrides])
     return run_training(config, str(workdir))["metrics"]
-
-
-@pytest.fixture(scope="module")
-def reward_run(sft_run, tmp_path_factory):
-    # A quarter of the preset's 1200 steps (its whole schedule, compressed): the suite's budget.
-    # The preset itself (>= 90% in every run of 3 seeds x 1 and 8 devices) is measured by the
-    # study in the README's "Reward models" section and by `make demo`.
-    workdir = tmp_path_factory.mktemp("rm")
-    return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0],
-                           ["train.steps=300", "train.eval_every=300", "checkpoint.every=300"])
-
-
-@pytest.mark.slow
-def test_reward_model_learns_pairs(reward_run):
-    # Measured on the 200 held-out toy pairs after 300 steps of the 1200-step preset: 83.5% and
-    # 85.5%; chance is 50%. A broken loss, head or pair collation stays near chance.
-    _, metrics = reward_run
-    assert metrics["eval/accuracy"] >= 0.80, metrics
-    assert metrics["eval/num_examples"] == 200
-
-
-@pytest.mark.slow
-def test_exported_reward_model_scores_like_alignjax(reward_run, tmp_path, capsys):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from alignjax.data.preference import format_pair_batch
-    workdir, _ = reward_run
-    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(workdir), "--out", str(tmp_path / "hf")])
-    prompts = ["sort: 3 1 2", "sort: 3 1 2", "reverse: cat dog", "uppercase: red fox"]
-    responses = ["1 2 3", "1 3 2", "dog cat", "RED FOX"]
-    capsys.readouterr()
-    cli_main(["score", "--model", str(workdir), "--json"]
-             + sum((["--prompt", p, "--response", r] for p, r in zip(prompts, responses)), []))
-    import json
-    ours = np.array([x["reward"] for x in json.loads(capsys.readouterr().out)])
-    assert np.ptp(ours) > 1e-2  # distinct scores: the comparison below is not of constants
-    # (whether the right answer wins is test_reward_model_learns_pairs' job, over 200 pairs)
-    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    batch = format_pair_batch(tok, prompts, responses, 64)
-    ids = torch.tensor(batch["tokens"][:, 0].astype(np.int64))
-    mask = torch.tensor(batch["segment_ids"][:, 0] > 0).long()
-    with torch.no_grad():
-        theirs = hf(ids, attention_mask=mask).logits[:, 0].numpy()
-    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
-    stats = json.load(open(workdir / "alignjax_model.json"))["reward_stats"]
-    assert stats["std"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -84,31 +37,6 @@ def test_dpo_learns_preferences_and_keeps_answers(sft_run, dpo_run):
     # three of the 200 held-out prompts either way is the noise of a 200-prompt evaluation, so this
     # asserts "not lower by more than 3 prompts" (the absolute level is the SFT model's).
     assert after >= before - 0.015 and after >= 0.80, (before, after)
-
-
-@pytest.mark.parametrize("loss_type", ["slic", "rrhf"])
-@pytest.mark.slow
-def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):
-    """SLiC-HF and a ranking loss (RRHF) reach >= 85% held-out preference accuracy, measured
-    against the step-0 evaluation of the SFT model they start from: RRHF must raise its accuracy
-    (measured 79% -> 86%); SLiC's starts high (98.5%: the SFT model already prefers the correct
-    answers), so it must keep it and lower the held-out SLiC loss."""
-    import json
-    _train("configs/dpo.py:tiny", tmp_path, sft_run[0],
-           [f"dpo.loss_type={loss_type}", "train.steps=100", "optimizer.lr=1e-4", "train.eval_every=0",
-            "train.eval_on_start=True"])
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    start, end = rows[0], rows[-1]
-    assert start["step"] == 0 and end["step"] == 100
-    assert end["eval/rewards/accuracies"] >= 0.85, end
-    if loss_type == "rrhf":
-        assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] + 0.04, (start, end)
-    else:
-        # Its held-out loss must fall: measured 0.119 -> 0.011, 0.020 -> lower and 0.061 -> 0.045
-        # from three SFT models. The accuracy starts at 98.5-99.5% (the SFT model already
-        # separates the pairs), so it may move by a pair or two of the 200 either way.
-        assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] - 0.015, (start, end)
-        assert end["eval/loss"] < start["eval/loss"], (start, end)
 
 
 @pytest.mark.parametrize("loss_type", ["pro", "kto", "ipo"])
