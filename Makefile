@@ -37,9 +37,9 @@ demo: $(VENV)/.installed-demo
 	$(PY) -m alignjax.demo --workdir runs/demo
 
 # Tests run in TEST_WORKERS pytest-xdist processes (tests/conftest.py groups them): most of the
-# suite compiles (single-threaded) or waits on subprocesses, so with 2 workers the 2-core machine
-# sat partly idle; a third fills it. TEST_WORKERS=0 runs in this process (pdb, -x).
-TEST_WORKERS ?= 3
+# suite compiles, which is single-threaded, so 2 workers help even on the 2-core machine (3 were
+# slower on a fresh clone: 26:02 of pytest against 24:39 with 2). TEST_WORKERS=0: this process.
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))
 
 # --durations: the slowest tests are listed at the end, so the suite's budget (25 minutes on a
