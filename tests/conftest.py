@@ -13,6 +13,8 @@ import pytest  # noqa: E402
 
 # Fixtures that train a model: every test using one is in the slow tier (`make test-fast` skips it).
 TRAINING_FIXTURES = ("sft_run",)
+# Modules scheduled between the one that trains the SFT model and the others that use it.
+TRAINED_AFTER = 8
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,10 +54,6 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return ByModule(config, log)
-
-
-# Modules scheduled between the one that trains the SFT model and the others that use it.
-TRAINED_AFTER = 8
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""GRPO through the shared loop from the session's toy SFT model (a module of its own: the
-tests that need the trained model run in line on one worker, tests/conftest.py)."""
+"""GRPO through the shared loop from the session's toy SFT model (a module of its own:
+tests that need no trained model stay out of the modules that wait for it, tests/conftest.py)."""
 
 import json
 

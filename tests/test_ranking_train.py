@@ -4,6 +4,7 @@ import pytest
 
 from test_preference_train import _train
 
+
 @pytest.mark.parametrize("loss_type", ["slic", "rrhf"])
 @pytest.mark.slow
 def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):

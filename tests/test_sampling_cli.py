@@ -1,5 +1,5 @@
-"""`alignjax sample` end to end from the session's toy SFT model (a module of its own: the tests
-that need the trained model run in line on one worker, tests/conftest.py)."""
+"""`alignjax sample` end to end from the session's toy SFT model (a module of its own:
+tests that need no trained model stay out of the modules that wait for it, tests/conftest.py)."""
 
 import json
 

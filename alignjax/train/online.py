@@ -174,7 +174,7 @@ class Producer:
     def final_eval(self, state, step: int) -> dict:
         """The toy eval of the trained model after the last step (the producer's evals measure
         the model before each step's updates, so the last updates would go unmeasured)."""
-        if self.toy_eval is None or not self.toy_eval.every:
+        if self.toy_eval is None:
             return {}
         return self.toy_eval.measure(int(step), state["params"]["policy"])
 
