@@ -139,20 +139,28 @@ def test_toy_score_judge_reads_each_output_alone():
 # ---- the LLM judge on a tiny random model ------------------------------------------------------
 
 def _direct_preferences(model, tokenizer, template, instructions, firsts, seconds):
-    """p(A) / (p(A) + p(B)) from module.apply's full logits, one unpadded prompt at a time."""
+    """p(A) / (p(A) + p(B)) from module.apply's full logits at each prompt's last token. The
+    prompts are right-padded into one batch (a causal model's logits at a token do not see the
+    tokens after it), unlike the judge's left-padded buckets; one forward, so one compile."""
     import jax.numpy as jnp
     from alignjax.model.tokenize import encode_prompts
     prefix_ids = tokenizer(template.reply_prefix, add_special_tokens=False)["input_ids"] \
         if template.reply_prefix else []
     a_id, b_id = J.label_token_ids(tokenizer, template.reply_prefix)
-    out = []
-    for i, f, s in zip(instructions, firsts, seconds):
-        ids = encode_prompts(tokenizer, [template.render(i, f, s)], chat=True)[0] + prefix_ids
-        t = jnp.asarray([ids], jnp.int32)
-        logits, _ = model.module.apply(model.params, t, jnp.arange(len(ids))[None], jnp.ones_like(t))
-        logp = np.asarray(jax.nn.log_softmax(np.asarray(logits[0, -1], np.float64)))
-        out.append(np.exp(logp[a_id]) / (np.exp(logp[a_id]) + np.exp(logp[b_id])))
-    return np.array(out)
+    rows = [encode_prompts(tokenizer, [template.render(i, f, s)], chat=True)[0] + prefix_ids
+            for i, f, s in zip(instructions, firsts, seconds)]
+    width = max(map(len, rows))
+    tokens = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros_like(tokens)
+    for r, ids in enumerate(rows):
+        tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1
+    positions = np.broadcast_to(np.arange(width), tokens.shape)
+    logits, _ = jax.jit(model.module.apply)(model.params, jnp.asarray(tokens), jnp.asarray(positions),
+                                            jnp.asarray(mask))
+    last = np.asarray(logits, np.float64)[np.arange(len(rows)), [len(ids) - 1 for ids in rows]]
+    logp = last - np.log(np.exp(last - last.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - last.max(-1, keepdims=True)
+    return np.exp(logp[:, a_id]) / (np.exp(logp[:, a_id]) + np.exp(logp[:, b_id]))
 
 
 @pytest.mark.slow  # a judge model scores every pair
