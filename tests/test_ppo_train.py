@@ -65,13 +65,13 @@ def _record_logp_moves(monkeypatch) -> list:
 
     from alignjax.train.rollout import response_token_stats
     call, moves, last = online.Producer.__call__, [], {}
+    score = jax.jit(lambda module, p, b, t: response_token_stats(module, p, b, t)[0],
+                    static_argnums=(0, 3))  # one compile for the run, not one per step
 
     def recording(self, state, frozen, step, rng=None):
         if last:
             b = last.pop("batch")
-            temperature = self.s.temperature
-            new = jax.jit(lambda p: response_token_stats(self.roller.policy_module, p, b,
-                                                         temperature)[0])(state["params"]["policy"])
+            new = score(self.roller.policy_module, state["params"]["policy"], b, self.s.temperature)
             valid = b["response_mask"] > 0
             adv = b["advantages"]  # per token (PPO) or per response (GRPO)
             adv = np.broadcast_to(adv[:, None], valid.shape) if adv.ndim == 1 else adv
