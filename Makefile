@@ -42,11 +42,6 @@ demo: $(VENV)/.installed-demo
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))
 
-# The suite compiles far more than it runs: LLVM at optimisation level 0 compiles its many small
-# programs about 25% faster (test_train + test_loop: 108 s against 141 s) and runs a training
-# step about 15% slower (RRHF: 8,000 against 9,400 tokens/s, the same metrics to 4 digits).
-test test-fast: XLA_FLAGS += --xla_backend_optimization_level=0
-
 # --durations: the slowest tests are listed at the end, so the suite's budget (25 minutes on a
 # fresh 2-core clone) can be watched from any CI log.
 test: $(VENV)/.installed-test

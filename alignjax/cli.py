@@ -666,6 +666,10 @@ def main(argv=None):
     if rest or (args.overrides and args.command not in ("train", "iterate", "compare", "sweep", "compile",
                                                         "data")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
+    for flag, value in _path_flags(args):
+        if "://" in value:  # else "gs://b/run" becomes a local folder "gs:/b/run", silently
+            _fail(f"{flag} {value}: remote (URL) paths are not supported yet; give a local "
+                  "path, on a pod one that every worker sees (an NFS/Filestore mount)")
     from alignjax.errors import UserError, describe_os_error
     try:
         distributed.initialize(dist)  # before any jax device use
@@ -679,6 +683,15 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("alignjax: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _path_flags(args):
+    """(flag, value) of the arguments that name where a command writes or what it exports."""
+    for name in ("workdir", "out", "ckpt"):
+        if isinstance(getattr(args, name, None), str):
+            yield f"--{name}", getattr(args, name)
+    for value in getattr(args, "workdirs", None) or ():
+        yield "WORKDIR", value
 
 
 def _fail(message: str):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 
-# Before jax is imported anywhere: 8 fake CPU devices so meshes are real (the Makefile sets these too);
-# LLVM optimisation level 0: faster compiles, which dominate the suite (see the Makefile).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Before jax is imported anywhere: 8 fake CPU devices so meshes are real (the Makefile sets these too).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

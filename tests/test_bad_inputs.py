@@ -259,6 +259,10 @@ ROWS = [
     ("sweep-no-sweep", "sweep --sweep {nosweep_py} --workdir {fresh}", ["{nosweep_py}", "SWEEP"]),
     ("sweep-empty-grid", "sweep --sweep {badgrid_py} --workdir {fresh}",
      ["{badgrid_py}", "optimizer.lr", "non-empty"]),
+    ("train-remote-workdir", "train --config configs/sft.py:tiny --workdir gs://bucket/run",
+     ["--workdir gs://bucket/run", "not supported yet"]),
+    ("export-remote-out", "convert alignjax-to-hf --ckpt {wd} --out gs://bucket/hf",
+     ["--out gs://bucket/hf", "not supported yet"]),
     ("compile-bad-topology", "compile --config configs/sft.py:tiny --topology v9-8", ["v9-8"]),
     ("compile-odd-topology", "compile --config configs/sft.py:tiny --topology v5p-7", ["v5p-7"]),
     # -- issue 10 cases fixed by the other helpers (exports, damaged checkpoints)

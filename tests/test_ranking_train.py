@@ -10,23 +10,21 @@ from test_preference_train import _train
 def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):
     """SLiC-HF and a ranking loss (RRHF) reach >= 85% held-out preference accuracy, measured
     against the step-0 evaluation of the SFT model they start from: RRHF must raise its accuracy
-    (measured 79% -> 86% and 80.4% -> 86.6% in 100 steps); SLiC's starts high (98.5-100%: the SFT
-    model already prefers the correct answers), so it must keep it and lower the held-out SLiC
-    loss, which 30 steps show (0.024 -> 0.021)."""
+    (measured 79% -> 86%); SLiC's starts high (98.5%: the SFT model already prefers the correct
+    answers), so it must keep it and lower the held-out SLiC loss."""
     import json
-    steps = {"slic": 30, "rrhf": 100}[loss_type]
     _train("configs/dpo.py:tiny", tmp_path, sft_run[0],
-           [f"dpo.loss_type={loss_type}", f"train.steps={steps}", "optimizer.lr=1e-4",
-            "train.eval_every=0", "train.eval_on_start=True"])
+           [f"dpo.loss_type={loss_type}", "train.steps=100", "optimizer.lr=1e-4", "train.eval_every=0",
+            "train.eval_on_start=True"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     start, end = rows[0], rows[-1]
-    assert start["step"] == 0 and end["step"] == steps
+    assert start["step"] == 0 and end["step"] == 100
     assert end["eval/rewards/accuracies"] >= 0.85, end
     if loss_type == "rrhf":
         assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] + 0.04, (start, end)
     else:
         # Its held-out loss must fall: measured 0.119 -> 0.011, 0.020 -> lower and 0.061 -> 0.045
-        # in 100 steps from three SFT models, 0.024 -> 0.021 in 30 from a fourth. The accuracy starts at 98.5-99.5% (the SFT model already
+        # from three SFT models. The accuracy starts at 98.5-99.5% (the SFT model already
         # separates the pairs), so it may move by a pair or two of the 200 either way.
         assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] - 0.015, (start, end)
         assert end["eval/loss"] < start["eval/loss"], (start, end)

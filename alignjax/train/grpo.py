@@ -140,12 +140,8 @@ def settings_from_config(config) -> GRPOSettings:
 
 
 def _check(s: GRPOSettings) -> None:
-    def bad(key, msg):
-        raise ConfigError(f"grpo.{key}={getattr(s, key)!r}: {msg}")
-
-    for key in ("samples_per_prompt", "max_prompt_len", "max_new_tokens", "epochs", "num_minibatches"):
-        if int(getattr(s, key)) < 1:
-            bad(key, "must be >= 1")
+    online.check_settings(s, "grpo")  # first: the checks below divide by these counts
+    bad = online.bad_setting(s, "grpo")
     if s.advantage in GROUPED and s.samples_per_prompt < 2:
         bad("samples_per_prompt", f"grpo.advantage={s.advantage} compares the samples of a prompt "
             "(the group mean and std are undefined for one sample); use >= 2 (TRL: 8 for GRPO, "
@@ -176,17 +172,6 @@ def _check(s: GRPOSettings) -> None:
         bad("missing_eos_penalty", "must be >= 0 (0 = off)")
     if not 0 <= s.overlong_buffer < s.max_new_tokens:
         bad("overlong_buffer", f"must be in [0, grpo.max_new_tokens={s.max_new_tokens}) (0 = off)")
-    if s.ref_dtype not in ("float32", "bfloat16"):
-        bad("ref_dtype", "choose float32 or bfloat16")
-    if s.grad_accum_steps < 1:
-        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: must be >= 1")
-    if s.rows % s.num_minibatches:
-        bad("num_minibatches", f"a rollout batch of {s.rows} responses (train.batch_size) does "
-            f"not divide into {s.num_minibatches} minibatches")
-    mb = s.rows // s.num_minibatches
-    if mb % s.grad_accum_steps:
-        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: a minibatch of {mb} "
-                          f"responses does not divide into {s.grad_accum_steps} micro-batches")
 
 
 # ---- advantages ---------------------------------------------------------------------------------

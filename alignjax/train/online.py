@@ -179,6 +179,33 @@ class Producer:
         return self.toy_eval.measure(int(step), state["params"]["policy"])
 
 
+def bad_setting(s, section: str) -> Callable:
+    """bad(key, why) raises the one-line ConfigError `<section>.<key>=<value>: <why>`."""
+    def bad(key, msg):
+        raise ConfigError(f"{section}.{key}={getattr(s, key)!r}: {msg}")
+    return bad
+
+
+def check_settings(s, section: str) -> None:
+    """The checks every RL trainer's settings share: counts >= 1, the reference dtype, and a
+    rollout batch that divides into minibatches and those into micro-batches."""
+    bad = bad_setting(s, section)
+    for key in ("samples_per_prompt", "max_prompt_len", "max_new_tokens", "epochs", "num_minibatches"):
+        if int(getattr(s, key)) < 1:
+            bad(key, "must be >= 1")
+    if s.ref_dtype not in ("float32", "bfloat16"):
+        bad("ref_dtype", "choose float32 or bfloat16")
+    if s.grad_accum_steps < 1:
+        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: must be >= 1")
+    if s.rows % s.num_minibatches:
+        bad("num_minibatches", f"a rollout batch of {s.rows} responses (train.batch_size) does "
+            f"not divide into {s.num_minibatches} minibatches")
+    mb = s.rows // s.num_minibatches
+    if mb % s.grad_accum_steps:
+        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: a minibatch of {mb} "
+                          f"responses does not divide into {s.grad_accum_steps} micro-batches")
+
+
 def check_rollout(s, section: str, mesh, rules, max_positions: int) -> None:
     """One-line ConfigErrors naming `<section>.<key>`: prompt + new tokens beyond the model's
     positions, or a micro-batch of an update that does not split over the data-parallel devices."""

@@ -126,13 +126,8 @@ def settings_from_config(config) -> PPOSettings:
 
 
 def _check(s: PPOSettings) -> None:
-    def bad(key, msg):
-        raise ConfigError(f"ppo.{key}={getattr(s, key)!r}: {msg}")
-
-    for key in ("samples_per_prompt", "max_prompt_len", "max_new_tokens", "epochs",
-                "num_minibatches"):
-        if int(getattr(s, key)) < 1:
-            bad(key, "must be >= 1")
+    online.check_settings(s, "ppo")  # first: the checks below divide by these counts
+    bad = online.bad_setting(s, "ppo")
     if s.rows < 1 or s.rows % s.samples_per_prompt:
         raise ConfigError(f"train.batch_size={s.rows}: PPO's batch is the responses of one rollout; "
                           f"make it a multiple of ppo.samples_per_prompt={s.samples_per_prompt}")
@@ -169,17 +164,6 @@ def _check(s: PPOSettings) -> None:
         bad("missing_eos_score", "set either ppo.missing_eos_penalty or ppo.missing_eos_score")
     if s.value_init not in VALUE_INITS:
         bad("value_init", f"choose one of {', '.join(VALUE_INITS)}")
-    if s.ref_dtype not in ("float32", "bfloat16"):
-        bad("ref_dtype", "choose float32 or bfloat16")
-    if s.grad_accum_steps < 1:
-        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: must be >= 1")
-    if s.rows % s.num_minibatches:
-        bad("num_minibatches", f"a rollout batch of {s.rows} responses (train.batch_size) does "
-            f"not divide into {s.num_minibatches} minibatches")
-    mb = s.rows // s.num_minibatches
-    if mb % s.grad_accum_steps:
-        raise ConfigError(f"train.grad_accum_steps={s.grad_accum_steps}: a minibatch of {mb} "
-                          f"responses does not divide into {s.grad_accum_steps} micro-batches")
 
 
 # ---- KL controller (host state) -------------------------------------------------------------------
