@@ -20,9 +20,9 @@ TRAINED_AFTER = 12
 def pytest_configure(config):
     """One persistent XLA compilation cache for the whole run, shared by the xdist workers and the
     CLI subprocesses (they inherit the variable): tests build the same tiny models and steps again
-    and again, and a cache hit skips the compile (the suite's CPU time: 40 minutes instead of 46; a warm cache
-    halves it again). Set
-    JAX_COMPILATION_CACHE_DIR yourself to keep the cache between runs of your edit-test loop."""
+    and again, and a cache hit skips the compile (the suite's CPU time: 40 minutes instead of 46).
+    Set JAX_COMPILATION_CACHE_DIR yourself to keep the cache between runs of your edit-test loop
+    (warm, test_train.py and test_loop.py took 85 s instead of 143 s)."""
     if hasattr(config, "workerinput"):
         return  # a worker: the controller set the variables before it started this process
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
