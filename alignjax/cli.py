@@ -686,7 +686,7 @@ def main(argv=None):
 
 
 def _path_flags(args):
-    """(flag, value) of the arguments that name where a command writes or what it exports."""
+    """(flag, value) of the arguments that name a run's folder or a model to read or write."""
     for name in ("workdir", "out", "ckpt"):
         if isinstance(getattr(args, name, None), str):
             yield f"--{name}", getattr(args, name)
