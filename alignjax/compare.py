@@ -288,7 +288,7 @@ def _kl_to_start(gen, model, ids, start, start_ids) -> float:
     with shd.mesh_context(start.mesh, start.rules):
         ref = jax.jit(lambda p, b: response_token_stats(start.module, p, b, 1.0)[0])(
             start.params, shd.shard_batch(batch, start.mesh, start.rules))
-    log_ratio = np.sum((out["logps"] - np.asarray(ref)) * batch["response_mask"], axis=1)
+    log_ratio = np.sum((out["logps"] - shd.to_host(ref)) * batch["response_mask"], axis=1)
     return float(np.mean(log_ratio[:n]))
 
 

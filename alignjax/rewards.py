@@ -332,7 +332,7 @@ class RewardModelSource:
             with shd.mesh_context(model.mesh, model.rules):
                 r = _sequence_rewards_jit()(model.module, model.params,
                                             shd.shard_batch(batch, model.mesh, model.rules))
-            out.append(np.asarray(r)[:real, 0])
+            out.append(shd.to_host(r)[:real, 0])
         r = np.concatenate(out).astype(np.float32)
         if self.normalize:
             r = ((r - self.stats["mean"]) / self.stats["std"]).astype(np.float32)

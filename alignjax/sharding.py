@@ -231,7 +231,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
-    """Places a host batch (dict of numpy arrays, global shapes) on the mesh, batch-sharded."""
+    """Places a host batch (dict of numpy arrays, global shapes) on the mesh, batch-sharded.
+    With several processes each passes the same whole batch and places its own devices' rows."""
 
     def put(x):
         x = np.asarray(x)
@@ -239,6 +240,37 @@ def shard_batch(batch, mesh: Mesh, rules=DEFAULT_RULES):
         return jax.device_put(x, batch_sharding(mesh, x.ndim, rules))
 
     return jax.tree_util.tree_map(put, batch)
+
+
+def to_host(tree):
+    """jax.Arrays -> numpy, every row on every process: an array spread over several processes
+    is all-gathered (`jax.device_get` alone fails on rows held by another process)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree_util.tree_map(get, tree)
+
+
+def process_rows(rows: int, mesh: Mesh, rules=DEFAULT_RULES) -> np.ndarray:
+    """The rows of a global batch of `rows` that this process's devices hold under the batch
+    sharding, in order: the process-local part that `make_array_from_process_local_data`
+    expects back (all of them with one process)."""
+    spans = batch_sharding(mesh, 1, rules).addressable_devices_indices_map((rows,)).values()
+    starts = sorted({index[0].indices(rows)[:2] for index in spans})
+    return np.concatenate([np.arange(a, b) for a, b in starts]) if starts else np.arange(0)
+
+
+def to_process_local(tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """Batch-sharded global jax.Arrays -> numpy of this process's rows (the inverse of placing
+    process-local rows with `make_array_from_process_local_data`)."""
+    def local(x):
+        x = to_host(x)
+        return x[process_rows(x.shape[0], mesh, rules)]
+    return jax.tree_util.tree_map(local, tree)
 
 
 @contextlib.contextmanager

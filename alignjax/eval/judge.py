@@ -315,7 +315,7 @@ def label_logps(model, prompt_ids: Sequence[Sequence[int]], label_ids, batch_siz
             b = shd.shard_batch(batch, model.mesh, model.rules)
             lp = _label_logps_jit()(model.module, model.params, b["tokens"], b["positions"],
                                     b["segment_ids"], b["last"], jnp.asarray(label_ids, jnp.int32))
-        out.append(np.asarray(lp, np.float64)[:real])
+        out.append(shd.to_host(lp).astype(np.float64)[:real])
     return np.concatenate(out)
 
 

@@ -261,7 +261,7 @@ class Generator:
         with shd.mesh_context(self.mesh, self.rules):
             out = self._jitted(*self._args(params, tokens_bp, mask_bp, sampling),
                                **self._static(sampling))
-        out = jax.device_get(out)
+        out = shd.to_host(out)  # every process samples the same global batch and reads all of it
         n = tokens_bp.shape[0] if n_rows is None else n_rows
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 

@@ -288,7 +288,8 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     with shd.mesh_context(run.mesh, run.rules):
         for batch in it:
             index = batch.pop("index")
-            logps = np.asarray(jax.device_get(fn(params, to_global(batch, run.mesh, run.rules))))
+            logps = shd.to_process_local(fn(params, to_global(batch, run.mesh, run.rules)),
+                                         run.mesh, run.rules)
             rows.update({int(i): logps[j] for j, i in enumerate(index) if i >= 0})
     n = max(rows) + 1 if rows else 0
     table = np.zeros((n, logps.shape[1]), np.float32)

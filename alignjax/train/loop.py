@@ -47,8 +47,10 @@ class Algorithm:
     # Offline: a grain DatasetIterator of process-local batches. Online: the iterator the producer
     # reads (prompts), or None; either way its position is checkpointed.
     train_iterator: Any = None
-    # Online: (state, frozen, step, rng) -> (process-local numpy batch, metrics dict). It reads
-    # state["params"] in place (no copy); rng is the run's key folded with the step.
+    # Online: (state, frozen, step, rng) -> (numpy batch, metrics dict). It reads state["params"]
+    # in place (no copy); rng is the run's key folded with the step. Its batch is the whole
+    # global one, the same on every process (the processes sample together): minibatches are
+    # cut from it as from one process's batch, then each process places its own rows.
     producer: Optional[Callable] = None
     epochs: int = 1              # passes over each batch
     num_minibatches: int = 1     # shuffled minibatches per pass (seeded by step and epoch)
@@ -67,15 +69,15 @@ def to_global(batch: dict, mesh, rules) -> dict:
 
 
 def minibatch_order(seed: int, step: int, epoch: int, rows: int) -> np.ndarray:
-    """The row order of one pass over a step's (process-local) batch."""
+    """The row order of one pass over a step's batch (process-local offline, global online)."""
     return np.random.default_rng([seed, step, epoch]).permutation(rows)
 
 
 def minibatches(batch: dict, step: int, seed: int, epochs: int, num_minibatches: int):
-    """The epochs x num_minibatches process-local minibatches of one step's batch."""
+    """The epochs x num_minibatches minibatches of one step's batch."""
     rows = len(np.asarray(batch[next(iter(batch))]))
     if rows % num_minibatches:
-        raise UserError(f"a batch of {rows} rows (per process) does not divide into "
+        raise UserError(f"a batch of {rows} rows does not divide into "
                         f"{num_minibatches} minibatches; change the batch size or the minibatch count")
     size = rows // num_minibatches
     for epoch in range(epochs):
@@ -204,13 +206,16 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                 wait_start = time.perf_counter()
                 if algo.producer is not None:
                     rng = jax.random.fold_in(state["rng"], step)
-                    local, produced = algo.producer(state, frozen, step, rng)
+                    batch, produced = algo.producer(state, frozen, step, rng)  # global
+                    tokens_since += _batch_tokens(batch) * algo.epochs
                 else:
-                    local, produced = next(algo.train_iterator), {}
+                    batch, produced = next(algo.train_iterator), {}  # process-local
+                    tokens_since += _batch_tokens(batch) * algo.epochs * jax.process_count()
                 waited, steps_since = waited + time.perf_counter() - wait_start, steps_since + 1
-                tokens_since += _batch_tokens(local) * algo.epochs * jax.process_count()
                 step_metrics = []
-                for mb in minibatches(local, step, seed, algo.epochs, algo.num_minibatches):
+                for mb in minibatches(batch, step, seed, algo.epochs, algo.num_minibatches):
+                    if algo.producer is not None:
+                        mb = {k: v[shd.process_rows(len(v), run.mesh, run.rules)] for k, v in mb.items()}
                     state, metrics = step_fn(state, to_global(mb, run.mesh, run.rules), frozen)
                     step_metrics.append(metrics)
                     if compiles is None:

@@ -128,7 +128,8 @@ class ToyEval:
 
 
 class Producer:
-    """(state, frozen, step, rng) -> (process-local update batch, rollout metrics).
+    """(state, frozen, step, rng) -> (update batch, rollout metrics). The batch is the global one
+    on every process: they all draw the same prompts and sample them together.
 
     `process(batch) -> (update batch, scores, metrics)` is the algorithm's part (advantages)."""
 

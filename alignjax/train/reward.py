@@ -119,4 +119,4 @@ def score_texts(model, tokenizer, prompts, responses, seq_len: int = 1024,
     fn = jax.jit(lambda p, b: sequence_rewards(model.module, p, b))
     with shd.mesh_context(model.mesh, model.rules):
         r = fn(model.params, shd.shard_batch(batch, model.mesh, model.rules))
-    return np.asarray(r)[:n, 0]
+    return shd.to_host(r)[:n, 0]

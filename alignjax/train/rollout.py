@@ -10,7 +10,8 @@ forward passes read the very arrays the trainer updates (no weight copy). `froze
 frozen slots ({"reference": ...}). Each prompt is sampled `samples_per_prompt` times; its copies
 are consecutive rows (row b*k + j), as the critic-free methods' groups expect.
 
-The batch (process-local numpy, shapes fixed by the settings, so nothing recompiles):
+The batch (global numpy, the same on every process; shapes fixed by the settings, so nothing
+recompiles):
 
     query [R, P] int32, query_mask [R, P]     the prompt, left-padded to P = max_prompt_len
     response [R, N] int32                      sampled tokens, pad after the first EOS
@@ -163,7 +164,7 @@ class Roller:
             out = _forward(self.policy_module, self.ref_module, self.value_module,
                            _temperature(self.settings.temperature), params, frozen,
                            shd.shard_batch({k: batch[k] for k in keys}, self.mesh, self.rules))
-        return {k: np.asarray(v, np.float32) for k, v in jax.device_get(out).items()}
+        return {k: np.asarray(v, np.float32) for k, v in shd.to_host(out).items()}
 
     def score(self, prompt_texts: Sequence[str], prompt_ids: Sequence[Sequence[int]],
               batch: dict) -> np.ndarray:
