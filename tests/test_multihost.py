@@ -203,11 +203,11 @@ def test_ppo_rollouts_in_two_processes_match_one(tmp_path):
     2 processes logs what it logs in 1 process with 8 devices."""
     from test_ppo_train import NOISY, OVERRIDES
     overrides = [o for o in OVERRIDES if not o.startswith(("train.steps=", "checkpoint.every="))]
-    args = lambda w: ["train", "--config", "configs/ppo.py:tiny", "--workdir", str(w)] + [
-        f"--config.{o}" for o in overrides + ["train.steps=2", "checkpoint.every=2"]]
+    flags = [f"--config.{o}" for o in overrides + ["train.steps=2", "checkpoint.every=2"]]
     rows = {}
     for n in (1, 2):
-        done = _run_processes(args(tmp_path / f"p{n}"), n)
+        done = _run_processes(["train", "--config", "configs/ppo.py:tiny", "--workdir",
+                               str(tmp_path / f"p{n}")] + flags, n)
         assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
         rows[n] = {m["step"]: {k: v for k, v in m.items() if not k.startswith(NOISY)}
                    for m in read_metrics(tmp_path / f"p{n}")}
