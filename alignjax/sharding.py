@@ -264,15 +264,6 @@ def process_rows(rows: int, mesh: Mesh, rules=DEFAULT_RULES) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in starts]) if starts else np.arange(0)
 
 
-def to_process_local(tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """Batch-sharded global jax.Arrays -> numpy of this process's rows (the inverse of placing
-    process-local rows with `make_array_from_process_local_data`)."""
-    def local(x):
-        x = to_host(x)
-        return x[process_rows(x.shape[0], mesh, rules)]
-    return jax.tree_util.tree_map(local, tree)
-
-
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules=DEFAULT_RULES):
     """Mesh + logical rules in scope, so activation constraints inside jitted code take effect."""

@@ -219,3 +219,29 @@ def test_ppo_rollouts_in_two_processes_match_one(tmp_path):
             np.testing.assert_allclose(rows[2][step][key], value, rtol=1e-5, atol=1e-6,
                                        err_msg=f"step {step} {key}")
     assert rows[1][2]["objective/kl"] != 0  # step 2 samples from the trained policy
+
+
+@pytest.mark.slow
+def test_dpo_with_a_precomputed_reference_in_two_processes_matches_one(tmp_path):
+    """DPO's pair batches and its precomputed reference table (each process scores its own
+    records, in batches placed over both processes) give the losses of 1 process with 8 devices."""
+    from alignjax.data import toy
+    pairs = tmp_path / "pairs.jsonl"  # the precompute pass reads every record: keep it small
+    toy.write_jsonl(toy.preference_records(toy.make_examples(64, seed=3), seed=3), str(pairs))
+    flags = [f"--config.{o}" for o in (
+        "model.init_from=", "tokenizer.path=toy", "dpo.reference=precomputed", f"data.train={pairs}",
+        "data.eval=", "train.steps=3", "train.batch_size=16", "train.log_every=1",
+        "train.eval_every=0", "checkpoint.every=3", "checkpoint.async_save=False",
+        "optimizer.warmup_steps=1")]
+    losses = {}
+    for n in (1, 2):
+        workdir = tmp_path / f"p{n}"
+        done = _run_processes(["train", "--config", "configs/dpo.py:tiny", "--workdir", str(workdir)]
+                              + flags, n)
+        assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
+        assert len(list(workdir.glob("reference_logps_*.npy"))) == n  # one table per process
+        losses[n] = _losses(workdir)
+    assert sorted(losses[2]) == sorted(losses[1]) == [1, 2, 3]
+    assert losses[1][3] != losses[1][1]  # the policy moved away from its reference
+    for step, want in losses[1].items():
+        np.testing.assert_allclose(losses[2][step], want, atol=1e-6, rtol=0, err_msg=f"step {step}")

@@ -265,7 +265,9 @@ class WithReference:
 
 def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind: str, sources,
                          split: str) -> np.ndarray:
-    """Reference log-probs [N, K] of every record this process reads, in one ordered pass.
+    """Reference log-probs [N, K] of every record, in one ordered pass over the processes'
+    shares. Each process keeps the whole table: its training batches come from one shuffled
+    order of all records, not from the share it scored.
 
     Stored as WORKDIR/reference_logps_<split>_p<process>.npy and reused on resume (then
     `ref_params`, a callable, is not called: the reference is not read).
@@ -287,9 +289,9 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     rows = {}
     with shd.mesh_context(run.mesh, run.rules):
         for batch in it:
-            index = batch.pop("index")
-            logps = shd.to_process_local(fn(params, to_global(batch, run.mesh, run.rules)),
-                                         run.mesh, run.rules)
+            index = to_global({"index": batch.pop("index")}, run.mesh, run.rules)["index"]
+            logps = fn(params, to_global(batch, run.mesh, run.rules))
+            index, logps = shd.to_host(index), shd.to_host(logps)  # every process's rows
             rows.update({int(i): logps[j] for j, i in enumerate(index) if i >= 0})
     n = max(rows) + 1 if rows else 0
     table = np.zeros((n, logps.shape[1]), np.float32)
