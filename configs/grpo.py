@@ -1,4 +1,4 @@
-"""Critic-free online RL (shared/ALGORITHMS.md section 7): GRPO, RLOO, REINFORCE++(-baseline).
+"""Critic-free online RL (docs/algorithms.md section 7): GRPO, RLOO, REINFORCE++(-baseline).
 
     alignjax train --config configs/grpo.py:tiny --workdir runs/grpo --config.model.init_from=runs/sft
     alignjax train ... --config.grpo.advantage=rloo                 # TRL's RLOO (beta 0.05 in the reward)

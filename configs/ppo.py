@@ -1,4 +1,4 @@
-"""PPO for RLHF (shared/ALGORITHMS.md section 6): policy, value, reference and reward on one mesh.
+"""PPO for RLHF (docs/algorithms.md section 6): policy, value, reference and reward on one mesh.
 
     alignjax train --config configs/ppo.py:tiny --workdir runs/ppo --config.model.init_from=runs/sft
     alignjax train ... --config.ppo.reward=runs/rm                 # a reward model
@@ -12,7 +12,7 @@ split into train.grad_accum_steps micro-batches. `optimizer` trains the policy a
 
 Defaults are TRL's PPO (lambda 0.95, value clip 0.2, vf_coef 0.1, 4 epochs, kl_coef 0.05 in the
 reward with the k1 estimator, temperature 0.7, advantage whitening on, Adam eps 1e-5, linear
-decay) except: the per-token score sits on the EOS token and GAE stops there (ALGORITHMS.md
+decay) except: the per-token score sits on the EOS token and GAE stops there (docs/algorithms.md
 section 6 and alignjax/losses/rl.py); OpenRLHF's lambda 1.0 / value clip 0.5 are one override
 away. The value model starts from the reward model when ppo.reward names one (ppo.value_init=auto),
 else from the policy with a zero score head.

@@ -1,5 +1,5 @@
 """Critic-free RL (alignjax/train/grpo.py: GRPO, RLOO, REINFORCE++(-baseline)) against the NumPy
-transcription of ALGORITHMS.md section 7 (reference_rl.py): the producer's advantages and metrics
+transcription of docs/algorithms.md section 7 (reference_rl.py): the producer's advantages and metrics
 on a real rollout, the update's loss for every loss_type and ratio, one update on a sharded mesh
 vs one device, settings errors (three steps through the loop from the trained SFT model: test_grpo_loop.py)."""
 

@@ -1,4 +1,4 @@
-"""PPO's building blocks (alignjax/train/ppo.py) against the NumPy transcription of ALGORITHMS.md
+"""PPO's building blocks (alignjax/train/ppo.py) against the NumPy transcription of docs/algorithms.md
 section 6 (reference_rl.py): advantages and rollout metrics, the update's sums (policy/value
 losses, entropy, KL term, TRL metric names), the KL controller, settings validation."""
 

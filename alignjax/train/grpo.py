@@ -1,4 +1,4 @@
-"""Critic-free online RL (shared/ALGORITHMS.md section 7): GRPO, RLOO, REINFORCE++ and
+"""Critic-free online RL (docs/algorithms.md section 7): GRPO, RLOO, REINFORCE++ and
 REINFORCE++-baseline, one algorithm (`algorithm="grpo"`) chosen by `grpo.advantage`.
 
 One loop step = one rollout of train.batch_size responses (train.batch_size /
@@ -321,7 +321,7 @@ def sums(config, s: GRPOSettings, modules: dict):
 
 
 def build(config, workdir: str, run, s: GRPOSettings, modules: dict, loader=None):
-    """The Algorithm: a rollout producer around `sums` (rl-seam.md)."""
+    """The Algorithm: a rollout producer around `sums` (alignjax/train/loop.py: Algorithm)."""
     from alignjax.train.loop import Algorithm
     from alignjax.train.rollout import Roller
     reward, prompts = online.reward_and_prompts(s, "grpo", run)

@@ -1,4 +1,4 @@
-"""Online DPO (shared/ALGORITHMS.md section 7; Guo et al. 2024, TRL's OnlineDPOTrainer): every
+"""Online DPO (docs/algorithms.md section 7; Guo et al. 2024, TRL's OnlineDPOTrainer): every
 step samples two responses per prompt from the current policy, a reward picks the chosen one, and
 the policy takes a DPO-family step on those fresh pairs.
 

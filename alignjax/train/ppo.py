@@ -1,7 +1,7 @@
-"""PPO for RLHF (shared/ALGORITHMS.md section 6): policy, value, reference and reward on one mesh.
+"""PPO for RLHF (docs/algorithms.md section 6): policy, value, reference and reward on one mesh.
 
 One loop step = one rollout (alignjax.train.rollout) + `ppo.epochs` x `ppo.num_minibatches`
-jitted updates over shuffled minibatches of it (the loop splits the batch; see rl-seam):
+jitted updates over shuffled minibatches of it (the loop splits the batch):
 
     producer(state, frozen, step, rng)   sample with state["params"]["policy"] (no copy), score,
                                          old/ref log-probs and values, then `advantages` (jitted):
@@ -15,7 +15,7 @@ the shared keys keep their meaning: train.batch_size = responses per rollout (pr
 ppo.samples_per_prompt), train.grad_accum_steps = micro-batches per minibatch, data.train = the
 prompts (toy, or records with a string "prompt" field).
 Defaults are TRL's PPO (lambda 0.95, value clip 0.2, vf_coef 0.1, 4 epochs, kl_coef 0.05,
-temperature 0.7) except where ALGORITHMS.md says otherwise.
+temperature 0.7) except where docs/algorithms.md says otherwise.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ class KLController:
 
 @functools.partial(jax.jit, static_argnums=1)
 def advantages(batch: dict, s: PPOSettings, kl_coef) -> dict:
-    """Per-token rewards, GAE, returns and whitening of one rollout (ALGORITHMS.md section 6,
+    """Per-token rewards, GAE, returns and whitening of one rollout (docs/algorithms.md section 6,
     steps 3-5), plus the rollout's TRL metrics. `batch`: the rollout fields (logps, ref_logps,
     values, response_mask, scores, contains_eos); `kl_coef` is traced (the adaptive controller
     changes it without a recompile).
@@ -394,7 +394,7 @@ def sums(config, s: PPOSettings, modules: dict):
 
 
 def build(config, workdir: str, run, s: PPOSettings, modules: dict, loader=None):
-    """The PPO Algorithm: a rollout producer around `sums` (rl-seam.md)."""
+    """The PPO Algorithm: a rollout producer around `sums` (alignjax/train/loop.py: Algorithm)."""
     from alignjax.train.loop import Algorithm
     from alignjax.train.rollout import Roller
     reward, prompts = online.reward_and_prompts(s, "ppo", run)

@@ -1,4 +1,4 @@
-"""Rollouts for online RL (shared/ALGORITHMS.md section 6, steps 1-2): sample, score, and the
+"""Rollouts for online RL (docs/algorithms.md section 6, steps 1-2): sample, score, and the
 per-token log-probs and values the update needs, with static shapes.
 
     roller = Roller(policy_module, mesh, rules, tokenizer, settings, reward=..., value_module=...,
