@@ -195,6 +195,18 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
         assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf1" / name).read_bytes(), name
 
 
+def _one_and_two_processes(config: str, overrides: list, tmp_path) -> dict:
+    """Trains `config` in this process (8 devices; its programs are often in the test run's
+    compilation cache already) and in 2 processes x 4 devices; {n: workdir}."""
+    from alignjax.config import load_config
+    from alignjax.train import run_training
+    run_training(load_config(config, overrides), str(tmp_path / "p1"))
+    done = _run_processes(["train", "--config", config, "--workdir", str(tmp_path / "p2")] + [
+        f"--config.{o}" for o in overrides], 2)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
+    return {1: tmp_path / "p1", 2: tmp_path / "p2"}
+
+
 @pytest.mark.slow
 def test_ppo_rollouts_in_two_processes_match_one(tmp_path):
     """Online RL across processes: each draws the same prompts, they sample, score and compute
@@ -203,14 +215,10 @@ def test_ppo_rollouts_in_two_processes_match_one(tmp_path):
     2 processes logs what it logs in 1 process with 8 devices."""
     from test_ppo_train import NOISY, OVERRIDES
     overrides = [o for o in OVERRIDES if not o.startswith(("train.steps=", "checkpoint.every="))]
-    flags = [f"--config.{o}" for o in overrides + ["train.steps=2", "checkpoint.every=2"]]
-    rows = {}
-    for n in (1, 2):
-        done = _run_processes(["train", "--config", "configs/ppo.py:tiny", "--workdir",
-                               str(tmp_path / f"p{n}")] + flags, n)
-        assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
-        rows[n] = {m["step"]: {k: v for k, v in m.items() if not k.startswith(NOISY)}
-                   for m in read_metrics(tmp_path / f"p{n}")}
+    workdirs = _one_and_two_processes("configs/ppo.py:tiny", overrides + [
+        "train.steps=2", "checkpoint.every=2"], tmp_path)
+    rows = {n: {m["step"]: {k: v for k, v in m.items() if not k.startswith(NOISY)}
+                for m in read_metrics(w)} for n, w in workdirs.items()}
     assert sorted(rows[2]) == sorted(rows[1]) == [1, 2]
     for step, want in rows[1].items():
         assert sorted(rows[2][step]) == sorted(want)
@@ -223,25 +231,20 @@ def test_ppo_rollouts_in_two_processes_match_one(tmp_path):
 
 @pytest.mark.slow
 def test_dpo_with_a_precomputed_reference_in_two_processes_matches_one(tmp_path):
-    """DPO's pair batches and its precomputed reference table (each process scores its own
-    records, in batches placed over both processes) give the losses of 1 process with 8 devices."""
+    """DPO's pair batches and its precomputed reference table (the processes score the records
+    together and each keeps the whole table) give the losses of 1 process with 8 devices."""
+    from test_ppo_train import OVERRIDES
     from alignjax.data import toy
     pairs = tmp_path / "pairs.jsonl"  # the precompute pass reads every record: keep it small
     toy.write_jsonl(toy.preference_records(toy.make_examples(64, seed=3), seed=3), str(pairs))
-    flags = [f"--config.{o}" for o in (
-        "model.init_from=", "tokenizer.path=toy", "dpo.reference=precomputed", f"data.train={pairs}",
-        "data.eval=", "train.steps=3", "train.batch_size=16", "train.log_every=1",
-        "train.eval_every=0", "checkpoint.every=3", "checkpoint.async_save=False",
-        "optimizer.warmup_steps=1")]
-    losses = {}
-    for n in (1, 2):
-        workdir = tmp_path / f"p{n}"
-        done = _run_processes(["train", "--config", "configs/dpo.py:tiny", "--workdir", str(workdir)]
-                              + flags, n)
-        assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
-        assert len(list(workdir.glob("reference_logps_*.npy"))) == n  # one table per process
-        losses[n] = _losses(workdir)
-    assert sorted(losses[2]) == sorted(losses[1]) == [1, 2, 3]
-    assert losses[1][3] != losses[1][1]  # the policy moved away from its reference
+    model = [o for o in OVERRIDES if o.startswith(("model.", "tokenizer."))]  # a small random model
+    workdirs = _one_and_two_processes("configs/dpo.py:tiny", model + [
+        "dpo.reference=precomputed", f"data.train={pairs}", "data.eval=", "train.steps=2",
+        "train.batch_size=16", "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
+        "checkpoint.async_save=False", "optimizer.warmup_steps=0"], tmp_path)
+    losses = {n: _losses(w) for n, w in workdirs.items()}
+    assert [len(list(workdirs[n].glob("reference_logps_*.npy"))) for n in (1, 2)] == [1, 2]
+    assert sorted(losses[2]) == sorted(losses[1]) == [1, 2]
+    assert losses[1][2] != losses[1][1]  # the policy moved away from its reference
     for step, want in losses[1].items():
         np.testing.assert_allclose(losses[2][step], want, atol=1e-6, rtol=0, err_msg=f"step {step}")
