@@ -1,11 +1,14 @@
-"""Multi-host start-up (alignjax/distributed.py) and a real 2-process run on this machine.
+"""Multi-host start-up (alignjax/distributed.py) and real 2-process runs on this machine.
 
-The 2-process test starts two `alignjax train` processes with 4 CPU devices each, joined through
-jax.distributed on localhost (CPU collectives: gloo), and checks them against one process with 8
-devices: the same losses, a 2-process checkpoint that resumes in 2 processes exactly, and the
-same HF export from 2 processes as from 1.
-The data of a step does not depend on the process count (alignjax.data.pipeline.shard_records);
-with data.packing=pad it is the same rows, so the losses agree to float rounding.
+The 2-process tests start two `alignjax` processes with 4 CPU devices each, joined through
+jax.distributed on localhost (CPU collectives: gloo), and check them against the test's own
+process with 8 devices:
+- SFT: the same losses, a 2-process checkpoint that resumes in 2 processes exactly, and the same
+  HF export from 2 processes as from 1. The data of a step does not depend on the process count
+  (alignjax.data.pipeline.shard_records); with data.packing=pad it is the same rows, so the
+  losses agree to float rounding.
+- DPO with a precomputed reference table: the same losses.
+- PPO (rollouts, scoring, values, reference, global minibatches): every logged metric.
 """
 from __future__ import annotations
 
@@ -135,11 +138,9 @@ def _env(devices: int, extra=None):
 
 
 def _run_processes(args, n: int, env_extra=None) -> list[subprocess.CompletedProcess]:
-    """`alignjax ARGS` in n processes with 8/n CPU devices each; all are killed at the timeout."""
+    """`alignjax ARGS` in n > 1 processes with 8/n CPU devices each, joined through
+    jax.distributed; all are killed at the timeout."""
     base = [sys.executable, "-m", "alignjax.cli", *args]
-    if n == 1:
-        return [subprocess.run(base, cwd=ROOT, env=_env(8, env_extra), capture_output=True,
-                               text=True, timeout=TIMEOUT_S)]
     port = _free_port()
     procs = [subprocess.Popen(
         base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
@@ -165,8 +166,9 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_exactly(tmp_path):
-    one = _run_processes(_train_args(tmp_path / "one"), 1)
-    assert one[0].returncode == 0, one[0].stderr[-3000:]
+    from alignjax.config import load_config
+    from alignjax.train import run_training
+    run_training(load_config("configs/sft.py:tiny", FAST), str(tmp_path / "one"))  # 8 devices
     ref = _losses(tmp_path / "one")
     assert sorted(ref) == [1, 2, 3, 4]
 
@@ -185,10 +187,10 @@ def test_two_processes_match_one_and_resume_exactly(tmp_path):
 
     # HF export of that checkpoint from 2 processes (parameters gathered to process 0, which
     # alone writes) equals the export from 1 process, byte for byte.
-    for n in (1, 2):
-        done = _run_processes(["convert", "alignjax-to-hf", "--ckpt", str(two), "--out",
-                               str(tmp_path / f"hf{n}")], n)
-        assert [r.returncode for r in done] == [0] * n, [r.stderr[-3000:] for r in done]
+    cli_main(["convert", "alignjax-to-hf", "--ckpt", str(two), "--out", str(tmp_path / "hf1")])
+    done = _run_processes(["convert", "alignjax-to-hf", "--ckpt", str(two), "--out",
+                           str(tmp_path / "hf2")], 2)
+    assert [r.returncode for r in done] == [0, 0], [r.stderr[-3000:] for r in done]
     files = sorted(os.listdir(tmp_path / "hf1"))
     assert "model.safetensors.index.json" in files and sorted(os.listdir(tmp_path / "hf2")) == files
     for name in files:
