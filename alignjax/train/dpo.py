@@ -289,7 +289,7 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     rows = {}
     with shd.mesh_context(run.mesh, run.rules):
         for batch in it:
-            index = to_global({"index": batch.pop("index")}, run.mesh, run.rules)["index"]
+            index = to_global(batch.pop("index"), run.mesh, run.rules)
             logps = fn(params, to_global(batch, run.mesh, run.rules))
             index, logps = shd.to_host(index), shd.to_host(logps)  # every process's rows
             rows.update({int(i): logps[j] for j, i in enumerate(index) if i >= 0})

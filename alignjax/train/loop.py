@@ -214,8 +214,9 @@ def _run_steps(config, workdir, run, algo, slots, modules, loader, optimizer, sc
                 waited, steps_since = waited + time.perf_counter() - wait_start, steps_since + 1
                 step_metrics = []
                 for mb in minibatches(batch, step, seed, algo.epochs, algo.num_minibatches):
-                    if algo.producer is not None:
-                        mb = {k: v[shd.process_rows(len(v), run.mesh, run.rules)] for k, v in mb.items()}
+                    if algo.producer is not None:  # a global minibatch: this process's rows of it
+                        own = shd.process_rows(len(next(iter(mb.values()))), run.mesh, run.rules)
+                        mb = {k: v[own] for k, v in mb.items()}
                     state, metrics = step_fn(state, to_global(mb, run.mesh, run.rules), frozen)
                     step_metrics.append(metrics)
                     if compiles is None:
