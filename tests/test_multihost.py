@@ -24,6 +24,7 @@ from alignjax import distributed
 from alignjax.cli import main as cli_main
 from alignjax.errors import UserError
 from alignjax.train.metrics import read_metrics
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_ENV: dict = {}
@@ -134,7 +135,7 @@ def _train_args(workdir):
 
 def _env(devices: int, extra=None):
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra or {})}
+            "XLA_FLAGS": xla_flags(devices), **(extra or {})}
 
 
 def _run_processes(args, n: int, env_extra=None) -> list[subprocess.CompletedProcess]:

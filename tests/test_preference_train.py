@@ -8,6 +8,7 @@ import pytest
 from alignjax.config import load_config
 from alignjax.model.store import load_model
 from alignjax.train import run_training
+from conftest import train_in_subprocess
 
 
 def _train(spec, workdir, init_from, overrides=()):
@@ -16,10 +17,17 @@ def _train(spec, workdir, init_from, overrides=()):
     return run_training(config, str(workdir))["metrics"]
 
 
+def _learn(spec, workdir, init_from, overrides=()):
+    """_train in a subprocess compiled for speed (conftest.train_in_subprocess): the runs whose
+    point is what the model learns."""
+    return train_in_subprocess(spec, workdir, [f"model.init_from={init_from}", "tokenizer.path=",
+                                               "train.log_every=25", *overrides])
+
+
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("dpo")
-    return workdir, _train("configs/dpo.py:tiny", workdir, sft_run[0])
+    return workdir, _learn("configs/dpo.py:tiny", workdir, sft_run[0])
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import pytest
 
-from test_preference_train import _train
+from test_preference_train import _learn
 
 
 @pytest.mark.parametrize("loss_type", ["slic", "rrhf"])
@@ -13,7 +13,7 @@ def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type):
     (measured 79% -> 86%); SLiC's starts high (98.5%: the SFT model already prefers the correct
     answers), so it must keep it and lower the held-out SLiC loss."""
     import json
-    _train("configs/dpo.py:tiny", tmp_path, sft_run[0],
+    _learn("configs/dpo.py:tiny", tmp_path, sft_run[0],
            [f"dpo.loss_type={loss_type}", "train.steps=100", "optimizer.lr=1e-4", "train.eval_every=0",
             "train.eval_on_start=True"])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

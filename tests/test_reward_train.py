@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignjax.cli import main as cli_main
-from test_preference_train import _train
+from test_preference_train import _learn
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def reward_run(sft_run, tmp_path_factory):
     # The preset itself (>= 90% in every run of 3 seeds x 1 and 8 devices) is measured by the
     # study in the README's "Reward models" section and by `make demo`.
     workdir = tmp_path_factory.mktemp("rm")
-    return workdir, _train("configs/reward.py:tiny", workdir, sft_run[0],
+    return workdir, _learn("configs/reward.py:tiny", workdir, sft_run[0],
                            ["train.steps=300", "train.eval_every=300", "checkpoint.every=300"])
 
 

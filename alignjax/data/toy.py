@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -291,11 +292,17 @@ def toy_splits(
 ) -> dict[str, list[ToyExample]]:
     """Train and held-out eval splits; no prompt appears in both. The defaults are the splits the
     trainers (`data.train="toy"`), the demo and the toy evaluation use."""
+    splits = _toy_splits(n_train, n_eval, seed, None if tasks is None else tuple(tasks))
+    return {name: list(examples) for name, examples in splits.items()}
+
+
+@functools.lru_cache(maxsize=4)  # 1.4 s a call: every run writes both splits; tests run many
+def _toy_splits(n_train: int, n_eval: int, seed: int, tasks: tuple | None) -> dict[str, tuple]:
     # Eval is drawn first so that it follows the task distribution exactly; train avoids it.
     evals = make_examples(n_eval, [seed, 1], tasks)
     train = make_examples(n_train, [seed, 0], tasks, exclude={e.prompt for e in evals})
     assert not {e.prompt for e in train} & {e.prompt for e in evals}, "splits overlap"
-    return {"train": train, "eval": evals}
+    return {"train": tuple(train), "eval": tuple(evals)}
 
 
 def wrong_answers(example: ToyExample, rng: Rng, k: int) -> list[str]:

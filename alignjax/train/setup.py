@@ -5,7 +5,9 @@ Kept separate from the loop so `alignjax compile` can build the same step abstra
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -73,11 +75,7 @@ def tokenizer_for(config, workdir: str):
         return load_tokenizer(saved)  # resume: the exact tokenizer of the run that saved
     path = config.tokenizer.path
     if path == "toy":
-        from alignjax.data import toy
-        from alignjax.data.tokenizer import train_bpe_tokenizer
-        examples = toy.make_examples(4000, seed=12345)
-        tok = train_bpe_tokenizer(list(toy.all_texts(examples)),
-                                  vocab_size=int(config.tokenizer.vocab_size))
+        tok = copy.deepcopy(_toy_tokenizer(int(config.tokenizer.vocab_size)))
     elif path:
         tok = load_tokenizer(path)
     elif config.model.init_from:
@@ -90,6 +88,13 @@ def tokenizer_for(config, workdir: str):
     if jax.process_index() == 0:
         tok.save_pretrained(saved)
     return tok
+
+
+@functools.lru_cache(maxsize=2)  # deterministic, 1.3 s to train: once per process
+def _toy_tokenizer(vocab_size: int):
+    from alignjax.data import toy
+    from alignjax.data.tokenizer import train_bpe_tokenizer
+    return train_bpe_tokenizer(list(toy.all_texts(toy.make_examples(4000, seed=12345))), vocab_size)
 
 
 def initial_params(config, run):
