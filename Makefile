@@ -10,19 +10,23 @@ export JAX_PLATFORMS ?= cpu
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	touch $@
+
+# One pip call per target (each call resolves every dependency again), and --no-compile: Python
+# byte-compiles the modules it imports instead of all of torch, jax and transformers up front.
+# A fresh test install took 1 min 7 s so, against 2 min 1 s with a pip upgrade and two calls.
+PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
-	$(PY) -m pip install -q -e .
+	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-demo: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e ".[demo]"
+$(VENV)/.installed-demo: $(VENV)/.created pyproject.toml
+	$(PIP) -e ".[demo]"
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e ".[test]"
+$(VENV)/.installed-test: $(VENV)/.created pyproject.toml
+	$(PIP) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
