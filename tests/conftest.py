@@ -20,8 +20,10 @@ import pytest  # noqa: E402
 
 # Fixtures that train a model: every test using one is in the slow tier (`make test-fast` skips it).
 TRAINING_FIXTURES = ("sft_run",)
-# Modules scheduled between the one that trains the SFT model and the others that use it.
-TRAINED_AFTER = 12
+# Modules scheduled between the one that trains the SFT model and the others that use it: enough
+# that the other worker does not wait for it (with 12 it waited 246 s; xdist hands each worker
+# several modules up front, so that worker runs about half of these).
+TRAINED_AFTER = 24
 
 
 def pytest_configure(config):
