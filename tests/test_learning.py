@@ -1,8 +1,9 @@
 """The demo's claim, asserted: the toy SFT model learns the suite (held-out checker accuracy).
 
-The tiny preset's accuracy varies with the run: 97.5%, 88.0% and 95.5% (1 device) and 86.5% (the
-suite's 8 fake devices, 2026-11-30) on the 200 held-out prompts, from 0% before training. The test
-asserts 80%, far from chance yet below every run measured; the README reports the spread."""
+The tiny preset's accuracy varies with the run: 97.5%, 88.0% and 95.5% (1 device, as the suite
+now trains it) and 86.5% (8 fake devices, 2026-11-30) on the 200 held-out prompts, from 0% before
+training. The test asserts 80%, far from chance yet below every run measured; the README reports
+the spread."""
 
 import pytest
 
