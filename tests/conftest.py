@@ -150,7 +150,7 @@ def sft_run(tmp_path_factory):
     done = shared / "sft_tiny.json"
     with FileLock(str(shared / "sft_tiny.lock")):
         if not done.exists():
-            # One device, as `make demo` trains it: 8,500 tokens/s against 7,000 on 8 fake ones.
+            # One device, as `make demo` trains it (alone: 8,500 tokens/s against 7,000 on 8).
             metrics = train_in_subprocess("configs/sft.py:tiny", workdir, ["train.log_every=50"],
                                           devices=1)
             done.write_text(json.dumps(metrics))

@@ -25,7 +25,8 @@ def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type, 
         assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] + 0.04, (start, end)
     else:
         # Its held-out loss must fall: measured 0.119 -> 0.011, 0.020 -> lower and 0.061 -> 0.045
-        # from three SFT models in 100 steps, 0.039 -> 0.027 (99.0% -> 99.5%) in these 50. The accuracy starts at 98.5-99.5% (the SFT model already
-        # separates the pairs), so it may move by a pair or two of the 200 either way.
+        # from three SFT models in 100 steps, 0.039 -> 0.027 (99.0% -> 99.5%) in these 50. The
+        # accuracy starts at 98.5-99.5% (the SFT model already separates the pairs), so it may
+        # move by a pair or two of the 200 either way.
         assert end["eval/rewards/accuracies"] >= start["eval/rewards/accuracies"] - 0.015, (start, end)
         assert end["eval/loss"] < start["eval/loss"], (start, end)
