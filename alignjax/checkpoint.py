@@ -17,7 +17,6 @@ import gc
 import io
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -26,23 +25,22 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from alignjax import fs
 from alignjax.errors import UserError
 
 def has_checkpoint(workdir: str) -> bool:
     """Whether a training run in `workdir` saved any step: only then do its config and tokenizer
     pin the next run (a run that failed before its first save pins nothing)."""
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+    return any(name.isdigit() for name in fs.listdir(fs.join(workdir, "checkpoints")))
 
 
 def is_training_workdir(path: str) -> bool:
     """A training workdir: checkpoints/, or the config.json `alignjax train` writes (an HF
     config.json has no "algorithm" key)."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if fs.isdir(fs.join(path, "checkpoints")):
         return True
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            return "algorithm" in json.load(f)
+        return "algorithm" in json.loads(fs.read_text(fs.join(path, "config.json")))
     except (OSError, ValueError, TypeError):
         return False
 
@@ -113,7 +111,7 @@ def _write_small_arrays_whole() -> None:
 class Checkpointer:
     def __init__(self, workdir: str, every: int, keep: int = 3, async_save: bool = True):
         _write_small_arrays_whole()
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = fs.join(workdir, "checkpoints")  # a local path or a URL (gs://...)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(1, every),
             enable_async_checkpointing=async_save, create=True)
@@ -155,10 +153,10 @@ class Checkpointer:
         return None, None
 
     def _move_aside(self, step: int) -> str:
-        src = os.path.join(self.directory, str(step))
+        src = fs.join(self.directory, str(step))
         dst = f"{src}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
         if jax.process_index() == 0:
-            os.rename(src, dst)
+            fs.rename(src, dst)
         return dst
 
     def save(self, step: int, state: Any, data_iterator, meta: dict, force: bool = False,
@@ -193,7 +191,7 @@ class Checkpointer:
         abstract = abstract_params
         for k in reversed(key):
             abstract = {k: abstract}
-        path = os.path.join(self.directory, str(step), "state")
+        path = fs.join(self.directory, str(step), "state")
         with ocp.PyTreeCheckpointer() as ckptr:
             out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
                 item=abstract, partial_restore=True,

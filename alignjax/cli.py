@@ -667,9 +667,11 @@ def main(argv=None):
                                                         "data")):
         parser.error(f"unrecognized arguments: {' '.join(rest or args.overrides)}")
     for flag, value in _path_flags(args):
-        if "://" in value:  # else "gs://b/run" becomes a local folder "gs:/b/run", silently
-            _fail(f"{flag} {value}: remote (URL) paths are not supported yet; give a local "
-                  "path, on a pod one that every worker sees (an NFS/Filestore mount)")
+        if "://" in value and not value.startswith("file://") and not _url_allowed(args, flag):
+            _fail(f"{flag} {value}: a URL (gs://...) works as `train`/`sweep` --workdir and as "
+                  "`convert alignjax-to-hf` --ckpt/--out; here give a local path (on a pod one "
+                  "that every worker sees, e.g. an NFS/Filestore mount)")
+    _local_file_urls(args)
     from alignjax.errors import UserError, describe_os_error
     try:
         distributed.initialize(dist)  # before any jax device use
@@ -683,6 +685,23 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("alignjax: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _local_file_urls(args):
+    """file:///abs/path -> /abs/path in every path flag: the local file system, named as a URL."""
+    for name in ("workdir", "out", "ckpt"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("file://"):
+            setattr(args, name, value[len("file://"):])
+    if getattr(args, "workdirs", None):
+        args.workdirs = [w[len("file://"):] if w.startswith("file://") else w for w in args.workdirs]
+
+
+def _url_allowed(args, flag: str) -> bool:
+    """Where a bucket URL works end to end (alignjax.fs): a run's workdir and the HF export."""
+    if args.command in ("train", "sweep"):
+        return flag == "--workdir"
+    return args.command == "convert" and getattr(args, "direction", "") == "alignjax-to-hf"
 
 
 def _path_flags(args):

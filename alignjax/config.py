@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from alignjax import fs
 from alignjax.data.formatting import FORMATS, PACKINGS, TRUNCATIONS
 from alignjax.errors import UserError
 from alignjax.model.config import LAYER_LOOPS, REMAT_POLICIES, SUPPORTED_ROPE_TYPES, ConfigError
@@ -243,22 +244,17 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
 
 def save_config(config: ConfigDict, workdir: str) -> str:
     """Writes ``workdir/config.json`` (atomically) and returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    path = fs.join(workdir, "config.json")
+    fs.write_text(path, config.to_json_best_effort(indent=2, sort_keys=False) + "\n")
     return path
 
 
 def load_saved_config(workdir: str) -> ConfigDict:
     """The config a run in ``workdir`` was started with (lists where the original had tuples)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = fs.join(workdir, "config.json")
+    if not fs.exists(path):
         raise ConfigError(f"{workdir}: no config.json; is this an alignjax workdir?")
-    with open(path) as f:
-        config = ConfigDict(json.load(f))
+    config = ConfigDict(json.loads(fs.read_text(path)))
     config.lock()
     return config
 

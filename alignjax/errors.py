@@ -40,7 +40,12 @@ def require_writable_dir(path: str, flag: str) -> None:
     reported up front, naming ``flag``, and nothing is left behind. (Permission bits alone do not
     stop root, so only a real attempt tells.)
     """
-    path = os.path.abspath(os.path.expanduser(str(path)))
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        return _require_writable_url(path, flag)
+    path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         target = path
     else:
@@ -61,9 +66,31 @@ def require_writable_dir(path: str, flag: str) -> None:
                         "writable directory") from None
 
 
+def _require_writable_url(url: str, flag: str) -> None:
+    """A bucket folder (gs://...): writes and deletes a probe object, so missing credentials, a
+    missing bucket or a missing filesystem package are said up front, naming ``flag``."""
+    from alignjax import fs
+    probe = fs.join(url, f".alignjax-write-check-{os.getpid()}")
+    try:
+        fs.write_text(probe, "")
+        fs.as_path(probe).unlink()
+    except ImportError as e:
+        raise UserError(f"{flag} {url}: {e}; install the filesystem package for this URL "
+                        "(gs://: pip install 'alignjax[gcs]', which brings gcsfs)") from None
+    except Exception as e:  # gcsfs/s3fs raise their own types for credentials, buckets, ...
+        raise UserError(f"{flag} {url}: cannot write there ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the bucket name "
+                        "and your credentials (gcloud auth application-default login)") from None
+
+
 def require_writable_file(path: str, flag: str) -> None:
     """Like ``require_writable_dir`` for an output file: its directory must accept new files."""
-    path = os.path.abspath(os.path.expanduser(str(path)))
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
+        return _require_writable_url(path, flag)
+    path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a directory; give a file name")
     require_writable_dir(os.path.dirname(path), flag)

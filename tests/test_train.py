@@ -67,9 +67,13 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(m1[k], m4[k], rtol=1e-5, err_msg=k)
 
 
-def _train(workdir, extra=(), env=None):
-    cmd = [sys.executable, "-m", "alignjax.cli", "train", "--config", "configs/sft.py:tiny",
-           "--workdir", str(workdir)] + [f"--config.{o}" for o in FAST + list(extra)]
+def _train(workdir, extra=(), env=None, bucket=None, then=()):
+    """`alignjax train` in a subprocess; with `bucket`, gs:// means that local folder
+    (tests/fake_bucket.py) and `then` is another command run after it in the same process."""
+    cli = ["-m", "alignjax.cli"] if bucket is None else ["tests/fake_bucket.py", str(bucket), "alignjax"]
+    cmd = ([sys.executable] + cli + ["train", "--config", "configs/sft.py:tiny", "--workdir",
+                                     str(workdir)] + [f"--config.{o}" for o in FAST + list(extra)]
+           + (["--and", *then] if then else []))
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=600)
 
@@ -87,18 +91,31 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_exact_resume_after_kill(uninterrupted, tmp_path):
-    killed = _train(tmp_path, env={"ALIGNJAX_KILL_AFTER_STEP": "3"})
+def test_exact_resume_after_kill_in_a_gs_workdir_and_export(uninterrupted, tmp_path):
+    """A run killed right after a checkpoint resumes to the same losses as an uninterrupted one,
+    here with --workdir gs://... (a local folder posing as the bucket): checkpoints, metrics,
+    TensorBoard, tokenizer and the HF export all go through the URL. (Local workdirs resume
+    exactly in test_reliability's SIGTERM test and test_multihost's killed 2-process run.)"""
+    from transformers import AutoModelForCausalLM
+    bucket, run = tmp_path / "bucket", "gs://runs/sft"
+    killed = _train(run, env={"ALIGNJAX_KILL_AFTER_STEP": "3"}, bucket=bucket)
     assert killed.returncode == 3, killed.stderr[-3000:]
-    assert max(_losses(tmp_path)) == 3
-    resumed = _train(tmp_path)
+    resumed = _train(run, bucket=bucket, then=["convert", "alignjax-to-hf", "--ckpt", run, "--out",
+                                               "gs://runs/sft-hf"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
-    ref, got = _losses(uninterrupted), _losses(tmp_path)
+    stored = bucket / "runs" / "sft"
+    assert not os.path.exists(os.path.join(ROOT, "gs:"))  # the URL did not become a local folder
+    ref, got = _losses(uninterrupted), _losses(stored)
     assert sorted(got) == list(range(1, 7))
-    for step in range(4, 7):  # steps after the restart see the same data and the same state
+    for step in range(4, 7):
         np.testing.assert_allclose(got[step], ref[step], atol=1e-6, rtol=0, err_msg=f"step {step}")
-    assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 6
+    assert sorted(os.listdir(stored / "checkpoints")) == sorted(os.listdir(uninterrupted / "checkpoints"))
+    assert b"loss" in b"".join(f.read_bytes() for f in (stored / "tb").iterdir())
+    assert (stored / "tokenizer" / "tokenizer.json").exists()
+    assert json.loads((stored / "config.json").read_text())["train"]["steps"] == 6
+    model = AutoModelForCausalLM.from_pretrained(bucket / "runs" / "sft-hf")
+    assert model.config.vocab_size == 512
 
 
 @pytest.mark.slow

@@ -155,6 +155,14 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:  # a bucket (gs://...): transformers reads only local folders
+        import tempfile
+        from alignjax import fs
+        if not fs.isdir(path):
+            raise DataError(f"{path}: no such tokenizer folder; check the path")
+        path = fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-tokenizer-"))
     if not os.path.exists(path) and not _HUB_ID.fullmatch(path):
         raise DataError(f"{path}: no such tokenizer directory (and not a Hub name such as "
                         "meta-llama/Llama-3.2-1B); check the path (tokenizer.path in a config)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Sequence
 
+from alignjax import fs
 from alignjax.errors import UserError
 
 HEADLINE = ("loss", "eval/loss", "eval/accuracy", "eval/rewards/accuracies", "rewards/margins",
@@ -21,17 +23,16 @@ def _pyplot():
 
 
 def read_rows(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = fs.join(workdir, "metrics.jsonl")
+    if not fs.exists(path):
         raise UserError(f"{workdir}: no metrics.jsonl (is it a training workdir?)")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, line in enumerate(fs.read_text(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
     return rows
 
 
@@ -66,8 +67,9 @@ def plot_metrics(workdirs: Sequence[str], metrics: Sequence[str], out_png: str,
         if len(runs) > 1:
             ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    fs.write_bytes(out_png, png.getvalue())
     plt.close(fig)
     return out_png
 
@@ -79,5 +81,5 @@ def plot_headline(workdir: str) -> list[str]:
     for key in HEADLINE:
         if len(curves(rows, key)[0]) >= 2:
             name = key.replace("/", "_") + ".png"
-            written.append(plot_metrics([workdir], [key], os.path.join(workdir, "plots", name)))
+            written.append(plot_metrics([workdir], [key], fs.join(workdir, "plots", name)))
     return written

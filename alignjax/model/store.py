@@ -16,12 +16,14 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from alignjax import fs
 from alignjax import sharding as shd
 from alignjax.convert.hf import ARCHITECTURES, load_hf_params
 from alignjax.errors import UserError
@@ -57,11 +59,11 @@ class LoadedModel:
 
 
 def path_kind(path: str) -> str:
-    if os.path.exists(os.path.join(path, MODEL_FILE)):
+    if fs.exists(fs.join(path, MODEL_FILE)):
         return "alignjax"
-    if os.path.exists(os.path.join(path, "config.json")):
+    if fs.exists(fs.join(path, "config.json")):
         return "hf"
-    if not os.path.exists(path):
+    if not fs.exists(path):
         raise FileNotFoundError(f"{path}: no such model directory")
     raise ConfigError(f"{path}: neither an alignjax model directory ({MODEL_FILE}) nor a Hugging "
                       "Face directory (config.json); convert it or point at the right folder")
@@ -74,10 +76,15 @@ def _hf_head(path: str) -> str:
 
 
 def _read_json(path):
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return None
+    return json.loads(fs.read_text(path)) if fs.exists(path) else None
+
+
+def _local_copy(path: str) -> str:
+    """A local folder with the files of `path`: itself, or a download of a bucket folder (for
+    readers that take only local files: transformers' tokenizers, safetensors)."""
+    if not fs.is_remote(path):
+        return fs.canonical(path)
+    return fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-download-"))
 
 
 def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
@@ -90,7 +97,9 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
     """
     mesh = mesh or shd.make_mesh()
     kind = path_kind(path)
-    meta = _read_json(os.path.join(path, MODEL_FILE)) if kind == "alignjax" else None
+    if kind == "hf":
+        path = _local_copy(path)
+    meta = _read_json(fs.join(path, MODEL_FILE)) if kind == "alignjax" else None
     if slot is not None and (meta or {}).get("params") != "checkpoints":
         raise UserError(f"--slot {slot}: {path} is not a training workdir; --slot picks a trained "
                         "model of a training workdir (e.g. PPO's value model)")
@@ -131,15 +140,15 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
         if step is None:
             raise ConfigError(f"{path}: training workdir without any checkpoint yet")
     else:
-        params = restore_params(os.path.join(path, "params"),
+        params = restore_params(fs.join(path, "params"),
                                 abstract_params(build_module(config, stored_head), mesh, rules)[0])
     module = build_module(config, stored_head)
-    tok_dir = os.path.join(path, "tokenizer")
+    tok_dir = fs.join(path, "tokenizer")
     extra = {k: v for k, v in meta.items() if k not in ("model", "head", "format", "params", "slot")}
     # the workdir's generation settings belong to the slot it loads as (the policy)
-    extra["generation_config"] = _read_json(os.path.join(path, "generation_config.json")) if own_slot else None
+    extra["generation_config"] = _read_json(fs.join(path, "generation_config.json")) if own_slot else None
     return LoadedModel(config, stored_head, module, params, mesh, rules,
-                       tok_dir if os.path.isdir(tok_dir) else None, extra)
+                       _local_copy(tok_dir) if fs.isdir(tok_dir) else None, extra)
 
 
 def _slot_head(ckpt, slot: str, path: str) -> str:
@@ -149,7 +158,7 @@ def _slot_head(ckpt, slot: str, path: str) -> str:
     for step in sorted(ckpt.manager.all_steps(), reverse=True):
         try:
             with ocp.PyTreeCheckpointer() as reader:
-                tree = reader.metadata(os.path.join(ckpt.directory, str(step), "state")).item_metadata.tree
+                tree = reader.metadata(fs.join(ckpt.directory, str(step), "state")).item_metadata.tree
             layout_ok = _params_key(ckpt, step, slot) != ("params",)
             break
         except Exception:  # a damaged checkpoint: the restore below reports and moves it aside
@@ -172,7 +181,7 @@ def _params_key(ckpt, step: int, slot: str) -> tuple:
 
 def restore_params(params_dir: str, abstract):
     """Restores an orbax params checkpoint directly into the shardings carried by `abstract`."""
-    params_dir = os.path.abspath(params_dir)
+    params_dir = fs.join(params_dir)  # absolute, or a URL
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(params_dir, abstract)
 
@@ -189,14 +198,14 @@ def check_output_dir(out_dir: str, overwrite: bool = False, flag: str = "--out")
     """Refuses a training workdir (writing there breaks its resume, even with `overwrite`) and a
     non-empty directory unless `overwrite`. Cheap: commands call it before loading anything."""
     from alignjax.checkpoint import is_training_workdir
-    out = os.path.abspath(out_dir)
-    if os.path.exists(out):
-        if not os.path.isdir(out):
+    out = fs.join(out_dir)
+    if fs.exists(out):
+        if not fs.isdir(out):
             raise UserError(f"{flag} {out_dir}: exists and is not a directory; choose a new directory")
         if is_training_workdir(out):
             raise UserError(f"{flag} {out_dir} is a training workdir (checkpoints/, config.json); "
                             "writing there would break its resume. Choose another directory")
-        if os.listdir(out) and not overwrite:
+        if fs.listdir(out) and not overwrite:
             raise UserError(f"{flag} {out_dir}: directory is not empty; choose a new directory, "
                             "or pass --overwrite to replace it")
 
@@ -230,7 +239,18 @@ def finish_output_dir(partial: str, out_dir: str) -> None:
 
 
 def _write_output_dir(out_dir: str, overwrite: bool, write) -> Any:
-    """`write(tmp_dir)` into a temporary sibling, then rename; a failure leaves `out_dir` as it was."""
+    """`write(tmp_dir)` into a temporary sibling, then rename; a failure leaves `out_dir` as it was.
+    A bucket URL (gs://...) has no rename: the files are written into a local temporary folder,
+    then process 0 uploads them (only process 0 writes HF files); a failure uploads nothing."""
+    if fs.is_remote(out_dir):
+        check_output_dir(out_dir, overwrite)
+        with tempfile.TemporaryDirectory(prefix="alignjax-export-") as local:
+            result = write(local)
+            if jax.process_index() == 0:
+                if fs.exists(out_dir):
+                    fs.as_path(out_dir).rmtree()  # --overwrite (checked above)
+                fs.put_dir(local, out_dir)
+        return result
     partial = begin_output_dir(out_dir, overwrite)
     try:
         result = write(partial)
@@ -247,7 +267,12 @@ def save_model_dir(out_dir: str, params, config: LlamaConfig, head: str = "lm",
     """Writes an alignjax model directory (all processes call this; orbax coordinates them).
 
     Refuses a training workdir and, unless `overwrite`, a non-empty directory; the files are
-    written next to it and renamed into place when complete."""
+    written next to it and renamed into place when complete. `out_dir` is a local folder: on a
+    pod, every process writes its shards of the params there."""
+    if fs.is_remote(out_dir):
+        raise UserError(f"--out {out_dir}: an alignjax model folder is written to a local (or "
+                        "mounted) path; copy it to the bucket afterwards, or train with "
+                        "--workdir gs://... and use that workdir as the model")
     return _write_output_dir(out_dir, overwrite, lambda tmp: _save_model_files(
         tmp, params, config, head, tokenizer_dir, generation_config, extra))
 

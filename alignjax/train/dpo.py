@@ -18,12 +18,13 @@ state (state["frozen"]["reference"]), so checkpoints and resume carry it.
 from __future__ import annotations
 
 import dataclasses
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax import fs
 from alignjax.losses.preference import (PAIR_LOSSES, REFERENCE_FREE, SMOOTHED, PairLogps, PrefHParams,
                                          preference_loss)
 from alignjax.losses.ranking import kto_loss, pro_loss, rrhf_loss
@@ -277,8 +278,8 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     from alignjax.train.loop import to_global
     from alignjax.train.setup import eval_batch_size
     path = reference_table_path(workdir, split)
-    if os.path.exists(path):
-        return np.load(path)
+    if fs.exists(path):
+        return np.load(io.BytesIO(fs.as_path(path).read_bytes()))
     params = ref_params()
     it = make_preference_eval_iterator(sources, run.tokenizer, config.data, kind=kind,
                                        batch_size=eval_batch_size(config),
@@ -297,14 +298,14 @@ def precompute_reference(config, workdir: str, run, ref_module, ref_params, kind
     table = np.zeros((n, logps.shape[1]), np.float32)
     for i, row in rows.items():
         table[i] = row
-    os.makedirs(workdir, exist_ok=True)
-    np.save(path + ".tmp.npy", table)
-    os.replace(path + ".tmp.npy", path)
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    fs.write_bytes(path, buffer.getvalue())
     return table
 
 
 def reference_table_path(workdir: str, split: str) -> str:
-    return os.path.join(workdir, f"reference_logps_{split}_p{jax.process_index()}.npy")
+    return fs.join(workdir, f"reference_logps_{split}_p{jax.process_index()}.npy")
 
 
 def build(config, workdir: str, run, s: DPOSettings, modules, loader):

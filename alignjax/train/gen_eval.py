@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Optional, Sequence
 
 import numpy as np
 
+from alignjax import fs
 from alignjax.errors import UserError
 
 START_FILE = "start.jsonl"
@@ -76,7 +76,7 @@ class GenerationEval:
         judge_spec = str(t.eval_judge or "")
         self.judge = (J.build_judge(judge_spec, mesh=run.mesh, rules=run.rules)
                       if judge_spec else J.ScoreJudge(self.reward, reward_spec))
-        self.dir = os.path.join(workdir, "eval_generate")
+        self.dir = fs.join(workdir, "eval_generate")
         self.start_texts: Optional[list[str]] = None
 
     def due(self, step: int, last_step: int) -> bool:
@@ -100,10 +100,9 @@ class GenerationEval:
     def start(self, params, resuming: bool) -> dict:
         """The starting model's responses: read back on resume (returns {}), else generated and
         saved now (returns their step-0 metrics)."""
-        path = os.path.join(self.dir, START_FILE)
-        if resuming and os.path.isfile(path):
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+        path = fs.join(self.dir, START_FILE)
+        if resuming and fs.exists(path):
+            rows = [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
             if [r["prompt"] for r in rows] == self.texts:
                 self.start_texts = [r["response"] for r in rows]
                 return {}
@@ -133,15 +132,13 @@ class GenerationEval:
         import jax
         if jax.process_index() != 0:
             return
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for i, (p, r) in enumerate(zip(prompts, responses)):
-                rec = {"prompt": p, "response": r}
-                if scores is not None:
-                    rec["reward"] = float(scores[i])
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
+        lines = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            rec = {"prompt": p, "response": r}
+            if scores is not None:
+                rec["reward"] = float(scores[i])
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        fs.write_text(fs.join(self.dir, name), "".join(lines))
 
 
 def _prompts(spec: str, limit: int) -> list[str]:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from alignjax import fs
 from alignjax import sharding as shd
 from alignjax.checkpoint import Checkpointer, has_checkpoint
 from alignjax.errors import UserError
@@ -96,8 +97,7 @@ def write_model_file(workdir: str, run: Run, slot: str, extra: Optional[dict] = 
         return
     meta = {"format": 1, "head": run.module.head, "model": run.model_config.to_json_dict(),
             "params": "checkpoints", "slot": slot, **(extra or {})}
-    with open(os.path.join(workdir, MODEL_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    fs.write_text(fs.join(workdir, MODEL_FILE), json.dumps(meta, indent=2))
 
 
 def train(config, workdir: str, spec=None, settings=None) -> dict:
@@ -127,7 +127,7 @@ def write_plots(workdir: str) -> list[str]:
         print(f"warning: could not write {workdir}/plots ({type(e).__name__}: {e})")
         return []
     if written:
-        print(f"plots: {len(written)} PNG(s) in {os.path.join(workdir, 'plots')}")
+        print(f"plots: {len(written)} PNG(s) in {fs.join(workdir, 'plots')}")
     return written
 
 

@@ -4,6 +4,7 @@ text tab ("samples", at step N)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,6 +13,8 @@ from typing import Optional
 
 import jax
 import numpy as np
+
+from alignjax import fs
 
 PEAK_FLOPS_CACHE: dict = {}  # in-process copy of the on-disk cache below
 CACHE_ENV = "ALIGNJAX_CACHE_DIR"  # default ~/.cache/alignjax (or $XDG_CACHE_HOME/alignjax)
@@ -161,17 +164,19 @@ class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int = 0, total_steps: Optional[int] = None,
                  desc: str = "train", enabled: Optional[bool] = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = fs.join(workdir, "metrics.jsonl")
         self._tb = self._bar = None
         if not self.enabled:
             return
-        self.samples_dir = os.path.join(workdir, "samples")
+        self.samples_dir = fs.join(workdir, "samples")
         self._step = self._samples_done = resume_step  # a resumed run sent its samples already
-        os.makedirs(workdir, exist_ok=True)
+        fs.makedirs(workdir)
         _truncate_history(self.path, resume_step)
         try:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if fs.is_remote(workdir):
+                _tensorboard_through_epath(self.path.split("://")[0])
+            self._tb = SummaryWriter(fs.join(workdir, "tb"))
         except ImportError:  # TensorBoard files are optional; JSONL always works
             self._tb = None
         if total_steps:
@@ -182,8 +187,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: _to_py(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        fs.append_text(self.path, json.dumps({"step": int(step), **clean}) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)):
@@ -204,13 +208,11 @@ class MetricsWriter:
     def _write_samples(self):
         """Sample files of the steps done since the last call -> TensorBoard text, each once.
         A file of a later step (left by a killed run, rewritten when its step comes) waits."""
-        if not os.path.isdir(self.samples_dir):
-            return
         steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.jsonl").fullmatch,
-                                                 os.listdir(self.samples_dir)) if m]
+                                                 fs.listdir(self.samples_dir)) if m]
         for step in sorted(n for n in steps if self._samples_done < n <= self._step):
-            with open(os.path.join(self.samples_dir, f"step_{step}.jsonl"), encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            text = fs.read_text(fs.join(self.samples_dir, f"step_{step}.jsonl"))
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
             self._tb.add_text("samples", samples_markdown(rows), step)
             self._tb.flush()
         self._samples_done = self._step
@@ -242,17 +244,46 @@ def _to_py(v):
 
 
 def _truncate_history(path: str, resume_step: int):
-    if not os.path.exists(path):
+    if not fs.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-    tmp = path + ".tmp"  # replaced in one step: a reader or a crash never sees it half-written
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    lines = [ln for ln in fs.read_text(path).splitlines(keepends=True)
+             if ln.strip() and json.loads(ln)["step"] <= resume_step]
+    fs.write_text(path, "".join(lines))  # whole: a reader or a crash never sees it half-written
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of metrics.jsonl; a last line without its newline is a row still being written."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip() and ln.endswith("\n")]
+    text = fs.read_text(fs.join(workdir, "metrics.jsonl"))
+    return [json.loads(ln) for ln in text.splitlines(keepends=True) if ln.strip() and ln.endswith("\n")]
+
+
+class _EpathEventFile:
+    """A TensorBoard event file in a bucket, through epath: the object is rewritten whole on each
+    flush (a bucket has no append), as tensorboardX's own GCS writer does."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes):
+        self.buffer.write(data)
+
+    def flush(self):
+        fs.write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self):
+        self.flush()
+
+
+class _EpathEventFiles:
+    def open(self, path: str):
+        return _EpathEventFile(path)
+
+    def directory_check(self, path: str):
+        pass  # buckets need no folders
+
+
+def _tensorboard_through_epath(scheme: str):
+    """TensorBoard files under a `scheme://` URL go through the same layer as everything else
+    (tensorboardX's own GCS writer would need google-cloud-storage and its own credentials)."""
+    from tensorboardX import record_writer
+    record_writer.register_writer_factory(scheme, _EpathEventFiles())

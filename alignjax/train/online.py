@@ -17,13 +17,13 @@ grad_accum_steps) and the name of its config section for error messages.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Callable, Optional
 
 import jax
 import numpy as np
 
+from alignjax import fs
 from alignjax.errors import UserError
 from alignjax.model.config import ConfigError
 
@@ -92,13 +92,10 @@ class SampleLog:
     def __call__(self, step: int, info: dict, scores) -> None:
         if not self.every or (step - 1) % self.every or jax.process_index() != 0:
             return
-        path = os.path.join(self.workdir, "samples", f"step_{step}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for p, c, r in list(zip(info["prompts"], info["completions"], scores))[:self.rows]:
-                f.write(json.dumps({"prompt": p, "response": c, "score": float(r)},
-                                   ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
+        rows = list(zip(info["prompts"], info["completions"], scores))[:self.rows]
+        fs.write_text(fs.join(self.workdir, "samples", f"step_{step}.jsonl"), "".join(
+            json.dumps({"prompt": p, "response": c, "score": float(r)}, ensure_ascii=False) + "\n"
+            for p, c, r in rows))
 
 
 class ToyEval:

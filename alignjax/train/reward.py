@@ -8,12 +8,12 @@ normalise rewards; the model exports to HF as LlamaForSequenceClassification.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax import fs
 from alignjax.losses.reward import bradley_terry_loss
 from alignjax.train.grouped import example_weights, means_to_sums, sequence_rewards, sums_to_means
 from alignjax.train.registry import AlgorithmSpec, no_settings
@@ -97,12 +97,10 @@ def store_reward_stats(workdir: str, stats: dict):
     from alignjax.model.store import MODEL_FILE
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, MODEL_FILE)
-    with open(path) as f:
-        meta = json.load(f)
+    path = fs.join(workdir, MODEL_FILE)
+    meta = json.loads(fs.read_text(path))
     meta["reward_stats"] = stats
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=2)
+    fs.write_text(path, json.dumps(meta, indent=2))
 
 
 def score_texts(model, tokenizer, prompts, responses, seq_len: int = 1024,

@@ -10,10 +10,12 @@ import dataclasses
 import functools
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 import jax
 
+from alignjax import fs
 from alignjax import sharding as shd
 from alignjax.config import ARCH_KEYS
 from alignjax.model.config import ConfigError, LlamaConfig
@@ -37,10 +39,13 @@ def model_config(config, tokenizer=None) -> LlamaConfig:
         from alignjax.model.store import path_kind, MODEL_FILE
         path = m.init_from
         if path_kind(path) == "hf":
+            if fs.is_remote(path):
+                raise ConfigError(f"model.init_from={path}: a Hugging Face folder is read from a "
+                                  "local path; copy it to the machine first")
             cfg = LlamaConfig.from_hf_dir(path, **runtime_overrides(config))
         else:
-            with open(os.path.join(path, MODEL_FILE)) as f:
-                cfg = LlamaConfig.from_json_dict(json.load(f)["model"], **runtime_overrides(config))
+            meta = json.loads(fs.read_text(fs.join(path, MODEL_FILE)))
+            cfg = LlamaConfig.from_json_dict(meta["model"], **runtime_overrides(config))
     else:
         arch = {k: m[k] for k in ARCH_KEYS if k in m and m[k] is not None}
         if isinstance(arch.get("rope_scaling"), dict) or hasattr(arch.get("rope_scaling"), "to_dict"):
@@ -70,8 +75,8 @@ def tokenizer_for(config, workdir: str):
     (the tokenizer stored with `model.init_from`)."""
     from alignjax.data.tokenizer import load_tokenizer
     from alignjax.checkpoint import has_checkpoint
-    saved = os.path.join(workdir, "tokenizer")
-    if has_checkpoint(workdir) and os.path.exists(os.path.join(saved, "tokenizer_config.json")):
+    saved = fs.join(workdir, "tokenizer")
+    if has_checkpoint(workdir) and fs.exists(fs.join(saved, "tokenizer_config.json")):
         return load_tokenizer(saved)  # resume: the exact tokenizer of the run that saved
     path = config.tokenizer.path
     if path == "toy":
@@ -81,13 +86,23 @@ def tokenizer_for(config, workdir: str):
     elif config.model.init_from:
         from alignjax.model.store import path_kind
         base = config.model.init_from
-        tok = load_tokenizer(os.path.join(base, "tokenizer") if path_kind(base) == "alignjax" else base)
+        tok = load_tokenizer(fs.join(base, "tokenizer") if path_kind(base) == "alignjax" else base)
     else:
         raise ConfigError("tokenizer.path is empty and model.init_from is not set: give a tokenizer "
                           "directory, or 'toy' for the built-in toy suite")
     if jax.process_index() == 0:
-        tok.save_pretrained(saved)
+        save_tokenizer(tok, saved)
     return tok
+
+
+def save_tokenizer(tok, path: str):
+    """`tok.save_pretrained(path)`; `path` may be a URL (transformers writes only local folders)."""
+    if not fs.is_remote(path):
+        tok.save_pretrained(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="alignjax-tokenizer-") as local:
+        tok.save_pretrained(local)
+        fs.put_dir(local, path)
 
 
 @functools.lru_cache(maxsize=2)  # deterministic, 1.3 s to train: once per process
@@ -181,6 +196,9 @@ def write_toy_split(workdir: str, split: str, kind: str = "sft", imperfect: bool
         raise DataError(f"data.{split}=toy_imperfect holds SFT demonstrations, some wrong; "
                         "preference and reward data read data.train=toy")
     name = f"toy_{kind}_{split}" + ("_imperfect" if imperfect else "")
+    if fs.is_remote(workdir):  # the readers take local files; the toy data are the same everywhere
+        from alignjax.train.metrics import cache_dir
+        workdir = cache_dir()
     path = os.path.join(workdir, "data", f"{name}.jsonl")
     # Every process writes it (same seed, same bytes), through its own temporary file: hosts of a
     # pod may not share a disk, and where they do, the atomic rename makes the race harmless.
