@@ -69,8 +69,12 @@ def require_writable_dir(path: str, flag: str) -> None:
 def _require_writable_url(url: str, flag: str) -> None:
     """A bucket folder (gs://...): writes and deletes a probe object, so missing credentials, a
     missing bucket or a missing filesystem package are said up front, naming ``flag``."""
+    import logging
     from alignjax import fs
     probe = fs.join(url, f".alignjax-write-check-{os.getpid()}")
+    quiet = logging.getLogger("gcsfs")  # it logs each failed request's whole traceback
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         fs.write_text(probe, "")
         fs.as_path(probe).unlink()
@@ -81,6 +85,8 @@ def _require_writable_url(url: str, flag: str) -> None:
         raise UserError(f"{flag} {url}: cannot write there ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the bucket name "
                         "and your credentials (gcloud auth application-default login)") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def require_writable_file(path: str, flag: str) -> None:

@@ -9,6 +9,7 @@ export and damaged copies of it, config and data files. `{name}` in a row is a p
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -27,6 +28,8 @@ TINY = ["--config.model.hidden_size=32", "--config.model.intermediate_size=64",
         "--config.train.log_every=1", "--config.train.eval_every=0",
         "--config.checkpoint.async_save=False"]
 TRAIN = "train --config configs/sft.py:tiny --workdir {fresh}"  # a new workdir per row
+NEEDS_NO_GCSFS = pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                                    reason="gcsfs is installed: gs:// would be tried for real")
 
 
 def _train_args(world, steps: int) -> list[str]:
@@ -260,10 +263,12 @@ ROWS = [
     ("sweep-empty-grid", "sweep --sweep {badgrid_py} --workdir {fresh}",
      ["{badgrid_py}", "optimizer.lr", "non-empty"]),
     # gs:// works through gcsfs (the [gcs]/[tpu] extras), which the test install lacks
-    ("train-remote-workdir-no-gcsfs", "train --config configs/sft.py:tiny --workdir gs://bucket/run",
-     ["--workdir gs://bucket/run", "gcsfs"]),
-    ("export-remote-out-no-gcsfs", "convert alignjax-to-hf --ckpt {wd} --out gs://bucket/hf",
-     ["--out gs://bucket/hf", "gcsfs"]),
+    pytest.param("train-remote-workdir-no-gcsfs",
+                 "train --config configs/sft.py:tiny --workdir gs://bucket/run",
+                 ["--workdir gs://bucket/run", "gcsfs"], marks=NEEDS_NO_GCSFS),
+    pytest.param("export-remote-out-no-gcsfs",
+                 "convert alignjax-to-hf --ckpt {wd} --out gs://bucket/hf",
+                 ["--out gs://bucket/hf", "gcsfs"], marks=NEEDS_NO_GCSFS),
     ("import-remote-out", "convert hf-to-alignjax --hf {hf} --out gs://bucket/m",
      ["--out gs://bucket/m", "local path"]),
     ("sample-remote-out", "sample --model {wd} --prompts toy --reward toy --out gs://bucket/s.jsonl",
