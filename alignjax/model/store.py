@@ -81,7 +81,7 @@ def _read_json(path):
 
 def _local_copy(path: str) -> str:
     """A local folder with the files of `path`: itself, or a download of a bucket folder (for
-    readers that take only local files: transformers' tokenizers, safetensors)."""
+    readers that take only local files, such as transformers' tokenizers)."""
     if not fs.is_remote(path):
         return fs.canonical(path)
     return fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-download-"))
@@ -97,8 +97,9 @@ def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,
     """
     mesh = mesh or shd.make_mesh()
     kind = path_kind(path)
-    if kind == "hf":
-        path = _local_copy(path)
+    if kind == "hf" and fs.is_remote(path):
+        raise UserError(f"{path}: a Hugging Face folder is read from a local path; copy it to "
+                        "this machine first (a bucket URL works for alignjax workdirs and models)")
     meta = _read_json(fs.join(path, MODEL_FILE)) if kind == "alignjax" else None
     if slot is not None and (meta or {}).get("params") != "checkpoints":
         raise UserError(f"--slot {slot}: {path} is not a training workdir; --slot picks a trained "
@@ -181,7 +182,7 @@ def _params_key(ckpt, step: int, slot: str) -> tuple:
 
 def restore_params(params_dir: str, abstract):
     """Restores an orbax params checkpoint directly into the shardings carried by `abstract`."""
-    params_dir = fs.join(params_dir)  # absolute, or a URL
+    params_dir = fs.canonical(params_dir)  # absolute, or a URL
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(params_dir, abstract)
 
@@ -198,7 +199,7 @@ def check_output_dir(out_dir: str, overwrite: bool = False, flag: str = "--out")
     """Refuses a training workdir (writing there breaks its resume, even with `overwrite`) and a
     non-empty directory unless `overwrite`. Cheap: commands call it before loading anything."""
     from alignjax.checkpoint import is_training_workdir
-    out = fs.join(out_dir)
+    out = fs.canonical(out_dir)
     if fs.exists(out):
         if not fs.isdir(out):
             raise UserError(f"{flag} {out_dir}: exists and is not a directory; choose a new directory")

@@ -158,6 +158,9 @@ def _best_rate(fn, x, flops: float, reps: int) -> float:
     return flops / best
 
 
+BUCKET_LIST_EVERY_S = 30  # samples/ in a bucket is listed at most this often, not at every step
+
+
 class MetricsWriter:
     """Writes on process 0 only. On resume, history past the restored step is dropped."""
 
@@ -169,6 +172,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.samples_dir = fs.join(workdir, "samples")
+        self._remote, self._listed = fs.is_remote(workdir), 0.0
         self._step = self._samples_done = resume_step  # a resumed run sent its samples already
         fs.makedirs(workdir)
         _truncate_history(self.path, resume_step)
@@ -192,7 +196,8 @@ class MetricsWriter:
             for k, v in clean.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+            if not self._remote:  # a bucket's event file is rewritten whole: tensorboardX's timer
+                self._tb.flush()  # (every 2 minutes) and close() send it there
         if self._bar is not None:
             shown = {k: clean[k] for k in ("loss", "eval/loss", "lr", "tokens_per_s") if k in clean}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -203,24 +208,29 @@ class MetricsWriter:
             self._bar.update(n)
         if self._tb is not None:
             self._step += n
-            self._write_samples()
+            if not self._remote or time.monotonic() - self._listed >= BUCKET_LIST_EVERY_S:
+                self._write_samples()
 
     def _write_samples(self):
         """Sample files of the steps done since the last call -> TensorBoard text, each once.
         A file of a later step (left by a killed run, rewritten when its step comes) waits."""
+        self._listed = time.monotonic()
         steps = [int(m.group(1)) for m in map(re.compile(r"step_(\d+)\.jsonl").fullmatch,
                                                  fs.listdir(self.samples_dir)) if m]
         for step in sorted(n for n in steps if self._samples_done < n <= self._step):
             text = fs.read_text(fs.join(self.samples_dir, f"step_{step}.jsonl"))
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
             self._tb.add_text("samples", samples_markdown(rows), step)
-            self._tb.flush()
+            if not self._remote:
+                self._tb.flush()
         self._samples_done = self._step
 
     def close(self):
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
+            if self._samples_done < self._step:
+                self._write_samples()
             self._tb.close()
 
 
