@@ -369,10 +369,11 @@ def model_head(path: str, what: str = "reward") -> str:
     """"lm" or "scalar" for a model path, read from its metadata (no weights loaded)."""
     from alignjax.model.config import ConfigError
     from alignjax.model.store import MODEL_FILE, _hf_head, path_kind
-    if not os.path.exists(path):
+    from alignjax import fs
+    if not fs.exists(path):
         raise UserError(f"{what}: {path}: no such file or directory; give toy, "
                         "python:FILE.py:FUNCTION or a reward-model directory")
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         raise UserError(f"{what}: {path} is a file, not a model directory (a Python reward is "
                         f"written python:{path}:FUNCTION)")
     try:
@@ -381,8 +382,7 @@ def model_head(path: str, what: str = "reward") -> str:
         raise UserError(f"{what}: {e}") from None
     if kind == "hf":
         return _hf_head(path)
-    with open(os.path.join(path, MODEL_FILE)) as f:
-        return json.load(f).get("head", "lm")
+    return json.loads(fs.read_text(fs.join(path, MODEL_FILE))).get("head", "lm")
 
 
 def load_reward_model(path: str, mesh=None, rules=None, seq_len: int = 1024,

@@ -353,21 +353,20 @@ BACKBONE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 def _architecture(path: str):
     """A model directory's LlamaConfig, from its metadata only (no weights read)."""
-    import os
+    from alignjax import fs
     from alignjax.model.config import LlamaConfig
     from alignjax.model.store import MODEL_FILE, path_kind
     if path_kind(path) == "hf":
         return LlamaConfig.from_hf_dir(path)
-    with open(os.path.join(path, MODEL_FILE)) as f:
-        return LlamaConfig.from_json_dict(json.load(f)["model"])
+    return LlamaConfig.from_json_dict(json.loads(fs.read_text(fs.join(path, MODEL_FILE)))["model"])
 
 
 def check_value_backbone(reward_path: str, policy_path: str) -> None:
     """The value model starts from the reward model and reads the policy's tokens, so both need
     the policy's backbone; checked from metadata before anything loads (paths that do not exist
     yet are reported where they are read)."""
-    import os
-    if not (reward_path and policy_path and os.path.isdir(reward_path) and os.path.isdir(policy_path)):
+    from alignjax import fs
+    if not (reward_path and policy_path and fs.isdir(reward_path) and fs.isdir(policy_path)):
         return
     rm, pol = _architecture(reward_path), _architecture(policy_path)
     diff = [f"{k} {getattr(rm, k)} vs {getattr(pol, k)}" for k in BACKBONE_KEYS
