@@ -91,12 +91,7 @@ def _require_writable_url(url: str, flag: str) -> None:
 
 def require_writable_file(path: str, flag: str) -> None:
     """Like ``require_writable_dir`` for an output file: its directory must accept new files."""
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
-        return _require_writable_url(path, flag)
-    path = os.path.abspath(os.path.expanduser(path))
+    path = os.path.abspath(os.path.expanduser(str(path)))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path}: is a directory; give a file name")
     require_writable_dir(os.path.dirname(path), flag)
