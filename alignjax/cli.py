@@ -689,12 +689,13 @@ def main(argv=None):
 
 def _local_file_urls(args):
     """file:///abs/path -> /abs/path in every path flag: the local file system, named as a URL."""
+    from alignjax import fs
     for name in ("workdir", "out", "ckpt"):
         value = getattr(args, name, None)
-        if isinstance(value, str) and value.startswith("file://"):
-            setattr(args, name, value[len("file://"):])
+        if isinstance(value, str):
+            setattr(args, name, fs.without_file_scheme(value))
     if getattr(args, "workdirs", None):
-        args.workdirs = [w[len("file://"):] if w.startswith("file://") else w for w in args.workdirs]
+        args.workdirs = [fs.without_file_scheme(w) for w in args.workdirs]
 
 
 def _url_allowed(args, flag: str) -> bool:

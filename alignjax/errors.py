@@ -40,10 +40,9 @@ def require_writable_dir(path: str, flag: str) -> None:
     reported up front, naming ``flag``, and nothing is left behind. (Permission bits alone do not
     stop root, so only a real attempt tells.)
     """
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:
+    from alignjax import fs
+    path = fs.without_file_scheme(path)
+    if "://" in path:
         return _require_writable_url(path, flag)
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):

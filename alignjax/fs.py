@@ -28,11 +28,15 @@ def is_remote(path: PathLike) -> bool:
     return is_url(s) and not s.startswith("file://")
 
 
+def without_file_scheme(path: PathLike) -> str:
+    """file:///abs/path -> /abs/path; any other path or URL as it is."""
+    s = os.fspath(path)
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
 def as_path(path: PathLike) -> epath.Path:
     """`path` as an epath.Path: a URL through its fsspec filesystem, a local path made absolute."""
-    s = os.fspath(path)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
+    s = without_file_scheme(path)
     return epath.Path(s) if is_url(s) else epath.Path(os.path.abspath(s))
 
 

@@ -155,11 +155,10 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif "://" in path:  # a bucket (gs://...): transformers reads only local folders
+    from alignjax import fs
+    path = fs.without_file_scheme(path)
+    if "://" in path:  # a bucket (gs://...): transformers reads only local folders
         import tempfile
-        from alignjax import fs
         if not fs.isdir(path):
             raise DataError(f"{path}: no such tokenizer folder; check the path")
         path = fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-tokenizer-"))

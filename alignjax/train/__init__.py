@@ -11,8 +11,8 @@ def run_training(config, workdir: str) -> dict:
     from alignjax.config import check_resume_config, load_saved_config, save_config
     from alignjax.errors import require_writable_dir
     from alignjax.train import loop, registry
-    if str(workdir).startswith("file://"):  # the local file system, named as a URL
-        workdir = str(workdir)[len("file://"):]
+    from alignjax import fs
+    workdir = fs.without_file_scheme(workdir)  # file:///abs/path is the local file system
     require_writable_dir(workdir, "--workdir")
     settings = registry.validate_config(config, jax.device_count())
     if has_checkpoint(workdir):  # a run that never saved a step pins nothing
