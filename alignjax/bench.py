@@ -48,8 +48,7 @@ def bench_config(preset: str = "small", hf_config: str | None = None, dtype: str
         return LlamaConfig.from_hf_dir(hf_config, dtype=dtype)
     if preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
-    return LlamaConfig(**PRESETS[preset], dtype=dtype, max_position_embeddings=PRESETS[preset].get(
-        "max_position_embeddings", 4096))
+    return LlamaConfig(**{"max_position_embeddings": 4096, **PRESETS[preset]}, dtype=dtype)
 
 
 def _timeit(fn, steps: int) -> float:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from alignjax.bench import bench_config
+from alignjax.bench import PRESETS, bench_config
 from alignjax.cli import main as cli_main
 from alignjax.train import metrics
 
@@ -17,6 +17,14 @@ def test_flops_per_token_counts_weights_and_full_attention():
     norms = layers * 2 * e + e
     for t in (64, 256):
         assert c.flops_per_token(t) == 6 * (matmul_weights + norms) + 12 * layers * t * h * d
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_makes_a_config(preset):
+    """`--preset 1b` raised a TypeError: its own max_position_embeddings was passed twice."""
+    c = bench_config(preset, dtype="bfloat16")
+    assert c.dtype == "bfloat16"
+    assert c.max_position_embeddings == PRESETS[preset].get("max_position_embeddings", 4096)
 
 
 @pytest.mark.slow  # two jitted train steps + torch: ~45 s of CPU
