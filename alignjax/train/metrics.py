@@ -177,7 +177,7 @@ class MetricsWriter:
         fs.makedirs(workdir)
         _truncate_history(self.path, resume_step)
         try:
-            from tensorboardX import SummaryWriter
+            SummaryWriter = _tensorboardx().SummaryWriter
             if fs.is_remote(workdir):
                 _tensorboard_through_epath(self.path.split("://")[0])
             self._tb = SummaryWriter(fs.join(workdir, "tb"))
@@ -284,6 +284,22 @@ class _EpathEventFile:
         self.flush()
 
 
+def _tensorboardx():
+    """tensorboardX, imported without torch where torch is not loaded yet: its writer imports
+    torch (2.5 s, in every training process) only to accept torch tensors, and we log floats."""
+    import sys
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        import tensorboardX
+        import tensorboardX.record_writer  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class _EpathEventFiles:
     def open(self, path: str):
         return _EpathEventFile(path)
@@ -295,5 +311,4 @@ class _EpathEventFiles:
 def _tensorboard_through_epath(scheme: str):
     """TensorBoard files under a `scheme://` URL go through the same layer as everything else
     (tensorboardX's own GCS writer would need google-cloud-storage and its own credentials)."""
-    from tensorboardX import record_writer
-    record_writer.register_writer_factory(scheme, _EpathEventFiles())
+    _tensorboardx().record_writer.register_writer_factory(scheme, _EpathEventFiles())
