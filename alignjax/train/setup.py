@@ -8,12 +8,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import pathlib
+import shutil
+import socket
+import sys
 import tempfile
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 from alignjax import fs
 from alignjax import sharding as shd
@@ -190,31 +196,65 @@ def checked_sources(spec: str, workdir: str, split: str, tokenizer, data_cfg,
 
 
 def write_toy_split(workdir: str, split: str, kind: str = "sft", imperfect: bool = False) -> str:
-    from alignjax.data import toy
+    """WORKDIR/data/toy_<kind>_<split>.jsonl, copied from the machine's toy cache (a remote
+    workdir reads the cached file itself: the readers take local files)."""
     from alignjax.data.sources import DataError
     if imperfect and kind != "sft":
         raise DataError(f"data.{split}=toy_imperfect holds SFT demonstrations, some wrong; "
                         "preference and reward data read data.train=toy")
     name = f"toy_{kind}_{split}" + ("_imperfect" if imperfect else "")
-    if fs.is_remote(workdir):  # the readers take local files; the toy data are the same everywhere
-        from alignjax.train.metrics import cache_dir
-        workdir = cache_dir()
+    cached = _cached_toy_file(name, split, kind, imperfect)
+    if fs.is_remote(workdir):  # the readers take local files: the cached one, or a local copy
+        if cached:
+            return cached
+        workdir = tempfile.mkdtemp(prefix="alignjax-toy-")
     path = os.path.join(workdir, "data", f"{name}.jsonl")
-    # Every process writes it (same seed, same bytes), through its own temporary file: hosts of a
-    # pod may not share a disk, and where they do, the atomic rename makes the race harmless.
     if not os.path.exists(path):
-        splits = toy.toy_splits()
-        if imperfect:
-            splits = {k: toy.imperfect(v) for k, v in splits.items()}
-        records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
-                   "preference": lambda ex: toy.preference_records(ex, seed=1),
-                   "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),
-                   "kto": lambda ex: toy.kto_records(ex, seed=1)}[kind](splits[split])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{jax.process_index()}"
-        toy.write_jsonl(records, tmp)
-        os.replace(tmp, path)
+        _write_atomically(path, lambda tmp: shutil.copyfile(cached, tmp) if cached
+                          else _write_toy_records(tmp, split, kind, imperfect))
     return path
+
+
+def _write_toy_records(path: str, split: str, kind: str, imperfect: bool) -> None:
+    from alignjax.data import toy
+    splits = toy.toy_splits()
+    if imperfect:
+        splits = {k: toy.imperfect(v) for k, v in splits.items()}
+    records = {"sft": lambda ex: toy.sft_records(ex, style="messages"),
+               "preference": lambda ex: toy.preference_records(ex, seed=1),
+               "ranked": lambda ex: toy.ranked_records(ex, k=4, seed=1),
+               "kto": lambda ex: toy.kto_records(ex, seed=1)}[kind](splits[split])
+    toy.write_jsonl(records, path)
+
+
+def _cached_toy_file(name: str, split: str, kind: str, imperfect: bool) -> Optional[str]:
+    """The toy file, generated once per machine (1.5-3 s: every run and test process would
+    otherwise make its own) under cache_dir()/toy/KEY/; KEY changes with the code and the
+    libraries that make its bytes. None where the cache cannot be written."""
+    from alignjax.data import toy
+    from alignjax.train.metrics import cache_dir
+    key = hashlib.sha256(pathlib.Path(toy.__file__).read_bytes() + repr(
+        (np.__version__, sys.version_info[:2])).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), "toy", key, f"{name}.jsonl")
+    if not os.path.exists(path):
+        try:
+            _write_atomically(path, lambda tmp: _write_toy_records(tmp, split, kind, imperfect))
+        except OSError:  # a read-only home: each run writes its own
+            return None
+    return path
+
+
+def _write_atomically(path: str, write) -> None:
+    """write(tmp) then rename to `path`: processes that race (the hosts of a pod, test workers)
+    write the same bytes, and none reads half a file."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclasses.dataclass
