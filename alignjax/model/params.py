@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -25,6 +27,14 @@ def _dummy(batch: int = 1, length: int = 1):
 
 def boxed_abstract(module: Llama):
     """Shape/dtype tree of the variables, still wrapped in flax's LogicallyPartitioned boxes."""
+    try:
+        return _boxed_abstract(module)
+    except TypeError:  # an unhashable config field (a rope_scaling dict): traced every time
+        return _boxed_abstract.__wrapped__(module)
+
+
+@functools.lru_cache(maxsize=16)  # tracing the init takes ~0.4 s; a run asks several times
+def _boxed_abstract(module: Llama):
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), *_dummy())
 
 
