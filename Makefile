@@ -7,7 +7,8 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS ?= cpu
 # Python keeps the bytecode of what it imports (.venv and alignjax/__pycache__): with
 # PYTHONDONTWRITEBYTECODE set (this machine's default), every process compiled jax, torch and
-# transformers from source again, 16-20 s to import them against 7 s; the suite starts ~100.
+# transformers from source again: 16-20 s to import them against 7 s, in each of the suite's
+# dozens of processes.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-fast install install-test clean distclean
