@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from alignjax.data.sources import DataError
 from alignjax.data.tokenizer import (
-    ensure_pad_token, load_tokenizer, tokenizer_info, train_sentencepiece_tokenizer,
+    TextEncoder, ensure_pad_token, load_tokenizer, tokenizer_info, train_sentencepiece_tokenizer,
 )
 
 MSGS = [
@@ -50,6 +50,25 @@ def test_special_tokens(name, request):
     assert ids[0] == info.bos_id and ids.count(info.bos_id) == 1  # BOS prepended, once
     assert info.eos_id not in ids  # EOS is the data pipeline's job, not the tokenizer's
     assert info.eos_id in info.stop_ids
+
+
+@pytest.mark.parametrize("name", ["bpe_tokenizer", "spm_tokenizer"])
+def test_text_encoder_gives_transformers_ids(name, request):
+    """TextEncoder calls the Rust tokenizer directly: the same ids as transformers' call, also
+    for special-token strings inside the text and for a tokenizer saved with truncation on."""
+    import pickle
+
+    tok = request.getfixturevalue(name)
+    chat = tok.apply_chat_template(MSGS, tokenize=False, add_generation_prompt=True)
+    texts = [TEXT, "", " leading space", "trailing\n", chat, chat * 40, tok.eos_token + " x",
+             "é ü 中文 🙂", "a" * 3000]
+    truncating = _roundtrip(tok, request.getfixturevalue("tmp_path") / "t")
+    truncating.backend_tokenizer.enable_truncation(max_length=8)  # what some hub files ship
+    for t in (tok, truncating):
+        encode = TextEncoder(t)
+        expected = [list(tok(x, add_special_tokens=False)["input_ids"]) for x in texts]
+        assert [encode(x) for x in texts] == expected
+        assert [pickle.loads(pickle.dumps(encode))(x) for x in texts] == expected  # grain workers
 
 
 def test_bpe_llama3_layout(bpe_tokenizer):

@@ -116,12 +116,10 @@ class SFTFormatter:
             raise DataError(f"tokenizer {tokenizer.name_or_path!r} has no eos token")
         self.bos_id = tokenizer.bos_token_id
         self.prefix_ids = _special_prefix(tokenizer)
-        from alignjax.data.tokenizer import stop_token_ids
+        from alignjax.data.tokenizer import TextEncoder, stop_token_ids
 
         self.stop_ids = set(stop_token_ids(tokenizer))
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self.encode = TextEncoder(tokenizer)  # text -> ids, no special tokens
 
     def ends_turn(self, ids: Sequence[int]) -> bool:
         """True when `ids` already end with a stop token, perhaps followed by whitespace the chat
@@ -146,7 +144,7 @@ class SFTFormatter:
     def text(self, text: str) -> Tokenized:
         if not isinstance(text, str):
             raise ValueError(f"'text' must be a string, got {type(text).__name__}")
-        body = self.closed(self._encode(text))
+        body = self.closed(self.encode(text))
         p = len(self.prefix_ids)
         return Tokenized(np.asarray(self.prefix_ids + body, np.int32),
                          np.asarray([False] * p + [True] * len(body), bool), p, p)
@@ -155,8 +153,8 @@ class SFTFormatter:
         # Prompt and completion are tokenized apart, as at generation time: the model sees
         # exactly the prompt ids it will be given later, and decode(completion ids) == completion.
         # A joining space, if wanted, belongs in the data (e.g. completion " yes").
-        prompt_ids = self.prefix_ids + self._encode(prompt)
-        completion_ids = self.closed(self._encode(completion))
+        prompt_ids = self.prefix_ids + self.encode(prompt)
+        completion_ids = self.closed(self.encode(completion))
         p = len(prompt_ids)
         return self._make(prompt_ids + completion_ids, [False] * p + [True] * len(completion_ids),
                           p, len(self.prefix_ids))
@@ -173,14 +171,15 @@ class SFTFormatter:
         def render(msgs, gen):
             if not msgs:
                 return []
-            return self._encode(tok.apply_chat_template(msgs, tokenize=False,
-                                                        add_generation_prompt=gen))
+            return self.encode(tok.apply_chat_template(msgs, tokenize=False,
+                                                       add_generation_prompt=gen))
 
         full = render(messages, False)
         mask = [False] * len(full)
         for i in trainable:
             start = _lcp(full, render(messages[:i], True))
-            end = _lcp(full, render(messages[:i + 1], False))
+            last = i + 1 == len(messages)  # its prefix is the whole conversation, rendered above
+            end = len(full) if last else _lcp(full, render(messages[:i + 1], False))
             mask[start:end] = [True] * (end - start)
         if trainable and trainable[-1] == len(messages) - 1 and full and not self.ends_turn(full):
             full, mask = full + [self.eos_id], mask + [True]  # template without an end-of-turn

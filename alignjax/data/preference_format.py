@@ -145,9 +145,6 @@ class PreferenceFormatter:
 
     # ------------------------------------------------------------------ tokenization
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def _render(self, messages: list, generation_prompt: bool) -> str:
         if self.tokenizer.chat_template is None:  # a config problem, not a record problem
             raise DataError(f"tokenizer {self.tokenizer.name_or_path!r} has no chat_template; "
@@ -181,8 +178,8 @@ class PreferenceFormatter:
             if not full.startswith(prompt_text):
                 raise DataError("the chat template does not render the prompt (with generation "
                                 "prompt) as a prefix of prompt + response; use chat_template=False")
-            out.append(self.sft.closed(self._ids(full[len(prompt_text):])))
-        prompt_ids = self._ids(prompt_text)
+            out.append(self.sft.closed(self.sft.encode(full[len(prompt_text):])))
+        prompt_ids = self.sft.encode(prompt_text)
         bos = self.sft.bos_id
         return prompt_ids, out, int(bool(prompt_ids) and bos is not None and prompt_ids[0] == bos)
 
