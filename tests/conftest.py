@@ -143,10 +143,16 @@ def sft_run(tmp_path_factory):
     from filelock import FileLock
 
     reuse = os.environ.get("ALIGNJAX_TEST_SFT_WORKDIR")  # developers: skip the ~5 min SFT run
+    if reuse:
+        from alignjax.train.metrics import read_metrics
+        last = {}
+        for row in read_metrics(reuse):
+            last.update(row)
+        return pathlib.Path(reuse), last
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the run's base directory, above each worker's own
-    workdir = pathlib.Path(reuse) if reuse else shared / "sft_tiny"
+    workdir = shared / "sft_tiny"
     done = shared / "sft_tiny.json"
     with FileLock(str(shared / "sft_tiny.lock")):
         if not done.exists():
