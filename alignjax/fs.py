@@ -126,6 +126,18 @@ def put_dir(local_dir: str, dest: PathLike) -> None:
             epath.Path(os.path.join(root, name)).copy(target, overwrite=True)
 
 
+def temp_dir(prefix: str) -> str:
+    """A new local temporary folder, removed when this process exits: for downloads that a
+    reader needs for the whole run (a bucket's tokenizer, say), so none piles up in /tmp."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def get_dir(src: PathLike, local_dir: str) -> str:
     """Copies remote folder `src` into `local_dir` (for readers that only take a local folder);
     returns `local_dir`."""

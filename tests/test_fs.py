@@ -58,3 +58,20 @@ def _tree(root):
     (root / "d" / "f.txt").write_text("f")
     (root / "top.txt").write_text("t")
     return root
+
+
+def test_bucket_tokenizer_download_is_removed_at_exit(tmp_path):
+    """A bucket's tokenizer is read from a local download (fs.temp_dir) that is gone when the
+    process ends: runs that load from buckets leave nothing in /tmp."""
+    script = ("import os, sys; sys.path.insert(0, 'tests'); import fake_bucket; "
+              f"fake_bucket.install({str(tmp_path)!r}); "
+              "from alignjax import fs; from alignjax.data.tokenizer import train_bpe_tokenizer, load_tokenizer; "
+              f"train_bpe_tokenizer().save_pretrained({str(tmp_path / 'tok')!r}); "
+              f"fs.put_dir({str(tmp_path / 'tok')!r}, 'gs://b/tok'); "
+              "local = load_tokenizer('gs://b/tok').name_or_path; "
+              "print(local, os.path.isdir(local))")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    local, existed = r.stdout.split()
+    assert existed == "True" and "alignjax-tokenizer-" in local, r.stderr[-3000:]
+    assert not os.path.exists(local)

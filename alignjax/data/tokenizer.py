@@ -184,10 +184,9 @@ def load_tokenizer(path: str):
     from alignjax import fs
     path = fs.without_file_scheme(path)
     if "://" in path:  # a bucket (gs://...): transformers reads only local folders
-        import tempfile
         if not fs.isdir(path):
             raise DataError(f"{path}: no such tokenizer folder; check the path")
-        path = fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-tokenizer-"))
+        path = fs.get_dir(path, fs.temp_dir("alignjax-tokenizer-"))
     if not os.path.exists(path) and not _HUB_ID.fullmatch(path):
         raise DataError(f"{path}: no such tokenizer directory (and not a Hub name such as "
                         "meta-llama/Llama-3.2-1B); check the path (tokenizer.path in a config)")

@@ -84,7 +84,7 @@ def _local_copy(path: str) -> str:
     readers that take only local files, such as transformers' tokenizers)."""
     if not fs.is_remote(path):
         return fs.canonical(path)
-    return fs.get_dir(path, tempfile.mkdtemp(prefix="alignjax-download-"))
+    return fs.get_dir(path, fs.temp_dir("alignjax-download-"))
 
 
 def load_model(path: str, mesh: Optional[Mesh] = None, rules=shd.DEFAULT_RULES,

@@ -207,7 +207,7 @@ def write_toy_split(workdir: str, split: str, kind: str = "sft", imperfect: bool
     if fs.is_remote(workdir):  # the readers take local files: the cached one, or a local copy
         if cached:
             return cached
-        workdir = tempfile.mkdtemp(prefix="alignjax-toy-")
+        workdir = fs.temp_dir("alignjax-toy-")
     path = os.path.join(workdir, "data", f"{name}.jsonl")
     if not os.path.exists(path):
         _write_atomically(path, lambda tmp: shutil.copyfile(cached, tmp) if cached
