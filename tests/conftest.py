@@ -110,13 +110,7 @@ def xla_flags(devices: int, optimize: bool = False) -> str:
     return " ".join(kept + [f"--xla_force_host_platform_device_count={devices}"])
 
 
-# CPU devices of the learning runs: one per core of the 2-core CI machine. Each device then runs
-# its share of the batch on one thread, which beat one device using both cores on small
-# matmuls (the tiny SFT step in `bench train`: 9,700 tokens/s against 7,250 on 1 device).
-LEARNING_DEVICES = 2
-
-
-def train_in_subprocess(spec: str, workdir, overrides=(), devices: int = LEARNING_DEVICES) -> dict:
+def train_in_subprocess(spec: str, workdir, overrides=(), devices: int = 8) -> dict:
     """`alignjax train --config SPEC --workdir W --config.KEY=VALUE ...` in a subprocess on
     `devices` CPU devices, compiled at XLA's default optimisation level: the learning runs, whose
     time is in their steps. Returns run_training's "metrics": each metric's last value."""
@@ -162,7 +156,13 @@ def sft_run(tmp_path_factory):
     done = shared / "sft_tiny.json"
     with FileLock(str(shared / "sft_tiny.lock")):
         if not done.exists():
-            metrics = train_in_subprocess("configs/sft.py:tiny", workdir, ["train.log_every=50"])
+            # On 2 devices, one per core of the 2-core CI machine, as `make demo` trains it: each
+            # device runs its half of the batch on one thread (the tiny SFT step in `bench train`:
+            # 9,700 tokens/s against 7,250 on 1 device; this fixture: 527 s in a fresh-clone
+            # suite against 586-679 s on 1). The later learning runs stay on 8: on 2 they were
+            # slower in the suite, beside the other worker (reward model 182 s against 127-135).
+            metrics = train_in_subprocess("configs/sft.py:tiny", workdir, ["train.log_every=50"],
+                                          devices=2)
             done.write_text(json.dumps(metrics))
     return workdir, json.loads(done.read_text())
 
