@@ -6,7 +6,7 @@ from test_preference_train import _learn
 
 
 @pytest.mark.parametrize("loss_type, steps, lr, extra", [
-    ("slic", 50, 1e-4, ["dpo.slic_delta=30.0"]), ("rrhf", 60, 1.5e-4, [])])
+    ("slic", 50, 1e-4, ["dpo.slic_delta=30.0"]), ("rrhf", 60, 1.5e-4, [])], ids=["slic", "rrhf"])
 @pytest.mark.slow
 def test_slic_and_rrhf_learn_held_out_preferences(sft_run, tmp_path, loss_type, steps, lr, extra):
     """SLiC-HF and a ranking loss (RRHF) reach >= 85% held-out preference accuracy, measured
