@@ -184,7 +184,7 @@ def test_settings_defaults_parse():
      r"^ppo.num_minibatches=4: a rollout batch of 6 responses \(train.batch_size\) does not divide "
      r"into 4 minibatches$"),
     (dict(batch_size=6, samples_per_prompt=4),
-     r"^train.batch_size=6: PPO's batch is the responses of one rollout; make it a multiple of "
+     r"^train.batch_size=6: the batch is the responses of one rollout; make it a multiple of "
      r"ppo.samples_per_prompt=4$"),
     (dict(kl_estimator="k4"), r"^ppo.kl_estimator='k4': choose one of k1, k2, k3$"),
     (dict(kl_in="both"), r"^ppo.kl_in='both': choose one of reward, loss$"),

@@ -146,15 +146,6 @@ def _check(s: GRPOSettings) -> None:
         bad("samples_per_prompt", f"grpo.advantage={s.advantage} compares the samples of a prompt "
             "(the group mean and std are undefined for one sample); use >= 2 (TRL: 8 for GRPO, "
             "2 for RLOO) or grpo.advantage=reinforce_pp")
-    if s.rows < 1 or s.rows % s.samples_per_prompt:
-        raise ConfigError(f"train.batch_size={s.rows}: the batch is the responses of one rollout; "
-                          f"make it a multiple of grpo.samples_per_prompt={s.samples_per_prompt}")
-    if s.temperature < 0:
-        bad("temperature", "must be >= 0 (0 = greedy)")
-    if not 0 < s.top_p <= 1:
-        bad("top_p", "must be in (0, 1] (1 = off)")
-    if s.top_k < 0:
-        bad("top_k", "must be >= 0 (0 = off)")
     if s.scale_rewards not in rl.GRPO_SCALES:
         bad("scale_rewards", f"choose one of {', '.join(rl.GRPO_SCALES)}")
     if s.loss_type not in rl.GRPO_LOSS_TYPES:

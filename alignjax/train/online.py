@@ -185,12 +185,22 @@ def bad_setting(s, section: str) -> Callable:
 
 
 def check_settings(s, section: str) -> None:
-    """The checks every RL trainer's settings share: counts >= 1, the reference dtype, and a
-    rollout batch that divides into minibatches and those into micro-batches."""
+    """The checks every RL trainer's settings share: counts >= 1, the reference dtype, the
+    sampler's settings, and a rollout batch of whole prompts that divides into minibatches and
+    those into micro-batches."""
     bad = bad_setting(s, section)
     for key in ("samples_per_prompt", "max_prompt_len", "max_new_tokens", "epochs", "num_minibatches"):
         if int(getattr(s, key)) < 1:
             bad(key, "must be >= 1")
+    if s.temperature < 0:
+        bad("temperature", "must be >= 0 (0 = greedy)")
+    if not 0 < s.top_p <= 1:
+        bad("top_p", "must be in (0, 1] (1 = off)")
+    if s.top_k < 0:
+        bad("top_k", "must be >= 0 (0 = off)")
+    if s.rows < 1 or s.rows % s.samples_per_prompt:
+        raise ConfigError(f"train.batch_size={s.rows}: the batch is the responses of one rollout; "
+                          f"make it a multiple of {section}.samples_per_prompt={s.samples_per_prompt}")
     if s.ref_dtype not in ("float32", "bfloat16"):
         bad("ref_dtype", "choose float32 or bfloat16")
     if s.grad_accum_steps < 1:

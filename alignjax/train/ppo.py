@@ -128,15 +128,6 @@ def settings_from_config(config) -> PPOSettings:
 def _check(s: PPOSettings) -> None:
     online.check_settings(s, "ppo")  # first: the checks below divide by these counts
     bad = online.bad_setting(s, "ppo")
-    if s.rows < 1 or s.rows % s.samples_per_prompt:
-        raise ConfigError(f"train.batch_size={s.rows}: PPO's batch is the responses of one rollout; "
-                          f"make it a multiple of ppo.samples_per_prompt={s.samples_per_prompt}")
-    if s.temperature < 0:
-        bad("temperature", "must be >= 0 (0 = greedy)")
-    if not 0 < s.top_p <= 1:
-        bad("top_p", "must be in (0, 1] (1 = off)")
-    if s.top_k < 0:
-        bad("top_k", "must be >= 0 (0 = off)")
     if not 0 < s.clip_eps < 1:
         bad("clip_eps", "must be in (0, 1) (TRL/OpenRLHF: 0.2)")
     if s.dual_clip is not None and s.dual_clip <= 1:
